@@ -1,0 +1,227 @@
+"""LAMB with NVIDIA apex FusedLAMB's semantics, written with torch's foreach ops, and BERT's parameter groups.
+
+torch has no LAMB and no PyPI package matches apex, whose NVLAMB the NVIDIA BERT recipe was tuned with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["NO_DECAY_NAME_PARTS", "Lamb", "bert_param_groups"]
+
+# Substrings of parameter names that NVIDIA's run_pretraining.py keeps out of weight decay.
+NO_DECAY_NAME_PARTS = ("bias", "gamma", "beta", "LayerNorm")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 parameters get fp32 states and math, as apex's kernel does; fp64 stays fp64 so the
+    # optimizer can be checked against a float64 reference.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _by_device_and_dtype(params: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list]:
+    # A foreach call takes tensors of one device and dtype on its fast path.
+    buckets: dict[tuple[torch.device, torch.dtype], list] = {}
+    for p in params:
+        buckets.setdefault((p.device, p.dtype), []).append(p)
+    return buckets
+
+
+class Lamb(torch.optim.Optimizer):
+    """Layer-wise adaptive Adam (NVLAMB) matching apex ``FusedLAMB`` with ``adam_w_mode=True``.
+
+    Each step: clip all grads together to ``max_grad_norm``, take an Adam(W) update ``u = m̂/(√v̂+eps) + wd·p``
+    and apply it with the per-tensor trust ratio ``lr·‖p‖/‖u‖``. Groups with ``weight_decay == 0`` get a
+    plain ``lr`` (no trust ratio) unless ``use_nvlamb``, because that is what apex did for NVIDIA's BERT.
+
+    ``max_grad_norm`` acts on the grads this optimizer holds. Under pipeline parallelism a process holds
+    only part of the model, so its local norm is not the global one: pass ``max_grad_norm=0`` (or None)
+    and clip with the model's global ``clip_grad_norm(1.0)`` before ``step()``. Grads are not modified.
+
+    ``param_group['step']`` counts steps, incremented by ``step()`` before use as apex does, so that
+    :class:`bert.schedulers.PolyWarmUpScheduler` can read it and skipped (overflowed) steps do not count.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        grad_averaging: bool = True,
+        max_grad_norm: float | None = 1.0,
+        use_nvlamb: bool = False,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Lamb needs lr >= 0 (got lr={lr})")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Lamb needs betas in [0, 1) (got betas={betas})")
+        if eps < 0.0:
+            raise ValueError(f"Lamb needs eps >= 0 (got eps={eps})")
+        if weight_decay < 0.0:
+            raise ValueError(f"Lamb needs weight_decay >= 0 (got weight_decay={weight_decay})")
+        if max_grad_norm is not None and max_grad_norm < 0.0:
+            raise ValueError(
+                f"Lamb needs max_grad_norm >= 0; 0 or None disables clipping (got {max_grad_norm})"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bias_correction": bias_correction,
+            "grad_averaging": grad_averaging,
+            "use_nvlamb": use_nvlamb,
+        }
+        super().__init__(params, defaults)
+        # Global across groups, like apex (which reads it from self.defaults), since the norm is global.
+        self.max_grad_norm = max_grad_norm or 0.0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        params_per_group = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        clip_divisor = self._clip_divisor([p for params in params_per_group for p in params])
+
+        for group, params in zip(self.param_groups, params_per_group):
+            # Every group counts the step, as apex does, so group 0's counter is the optimizer's.
+            group["step"] = group.get("step", 0) + 1
+            for (device, _), bucket in _by_device_and_dtype(params).items():
+                divisor = None if clip_divisor is None else clip_divisor.to(device)
+                self._update_bucket(group, bucket, divisor)
+        return loss
+
+    def _clip_divisor(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Return max(1, ‖g‖/max_grad_norm) over all grads as a tensor, or None when clipping is off.
+
+        Kept on the device so that clipping needs no host sync; grads are divided by it inside the update.
+        """
+        if not self.max_grad_norm or not params:
+            return None
+        norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        first_device = params[0].device
+        norms = []
+        for (_, dtype), bucket in _by_device_and_dtype(params).items():
+            grad_norms = torch._foreach_norm([p.grad for p in bucket], dtype=_compute_dtype(dtype))
+            norms.append(torch.stack(grad_norms).to(device=first_device, dtype=norm_dtype))
+        global_norm = torch.linalg.vector_norm(torch.cat(norms))
+        ratio = global_norm / self.max_grad_norm
+        return torch.where(ratio > 1.0, ratio, torch.ones_like(ratio))
+
+    def _update_bucket(
+        self, group: dict, params: list[torch.Tensor], clip_divisor: torch.Tensor | None
+    ) -> None:
+        """One LAMB step for parameters of one device and dtype; the math follows apex's multi_tensor_lamb."""
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay, step = group["lr"], group["eps"], group["weight_decay"], group["step"]
+        compute_dtype = _compute_dtype(params[0].dtype)
+        upcast = params[0].dtype != compute_dtype
+
+        exp_avgs, exp_avg_sqs = [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=compute_dtype, memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=compute_dtype, memory_format=torch.preserve_format
+                )
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+
+        work_params = [p.to(compute_dtype) for p in params] if upcast else params
+        grads = [p.grad.to(compute_dtype) for p in params] if upcast else [p.grad for p in params]
+        if clip_divisor is not None:
+            grads = torch._foreach_div(grads, clip_divisor.to(compute_dtype))
+
+        # m = β1·m + β3·g (β3 = 1-β1 with grad averaging, else 1);  v = β2·v + (1-β2)·g².
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=(1.0 - beta1) if group["grad_averaging"] else 1.0)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+        if group["bias_correction"]:
+            bias_correction1, bias_correction2 = 1.0 - beta1**step, 1.0 - beta2**step
+        else:
+            bias_correction1 = bias_correction2 = 1.0
+        # u = (m/bc1) / (sqrt(v/bc2) + eps) + wd·p, in apex's order of operations.
+        denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        updates = torch._foreach_div(exp_avgs, bias_correction1)
+        torch._foreach_div_(updates, denoms)
+        del denoms
+        if weight_decay != 0.0:
+            torch._foreach_add_(updates, work_params, alpha=weight_decay)
+
+        if weight_decay != 0.0 or group["use_nvlamb"]:
+            param_norms = torch.stack(torch._foreach_norm(work_params))
+            update_norms = torch.stack(torch._foreach_norm(updates))
+            # A zero norm (e.g. a zero-initialised weight) would make the ratio 0 or undefined: use plain lr.
+            usable = (param_norms > 0) & (update_norms > 0)
+            ratios = torch.where(usable, param_norms / update_norms, torch.ones_like(param_norms)) * lr
+            torch._foreach_mul_(updates, list(ratios.unbind(0)))
+        else:
+            torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(work_params, updates)
+
+        if upcast:
+            torch._foreach_copy_(params, work_params)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load as torch does, but keep moments in fp32 for fp16/bf16 parameters.
+
+        torch casts loaded state to each parameter's dtype, which would round fp32 moments to fp16.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=_compute_dtype(p.dtype), copy=True)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", 1.0)
+
+
+def bert_param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
+    """Split trainable parameters into a decayed group and a no-decay group, NVIDIA's way.
+
+    NVIDIA excludes names containing 'bias', 'gamma', 'beta' or 'LayerNorm'. Models that name their
+    LayerNorms otherwise ('layernorm', 'norm1', 'ln_f') would silently decay them, so parameters owned by a
+    ``torch.nn.LayerNorm`` are excluded too. Empty groups are dropped; the decayed group comes first.
+    """
+    layer_norm_param_ids = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, nn.LayerNorm)
+        for p in module.parameters(recurse=False)
+    }
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in layer_norm_param_ids or any(part in name for part in NO_DECAY_NAME_PARTS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]

@@ -1,0 +1,43 @@
+"""rannc: automatic hybrid parallelism (pipeline stages x data-parallel replicas x micro-batches x
+recomputation) for unmodified PyTorch models. The public API lives here and only here."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from rannc.config import ConfigError, RannConfig, load_config  # noqa: E402
+from rannc.dist import barrier, get_rank, get_world_size  # noqa: E402
+from rannc.graph.capture import CaptureError  # noqa: E402
+from rannc.module import FLAGS, RaNNCModule  # noqa: E402
+from rannc.plan.deployment import Deployment, DeploymentError, show_deployment  # noqa: E402
+from rannc.plan.planner import PlanningError  # noqa: E402
+
+
+def delay_grad_allreduce(delay: bool) -> None:
+    """Skip the gradient all-reduce after backward (call RaNNCModule.allreduce_grads() yourself), for
+    gradient accumulation."""
+    FLAGS.delay_grad_allreduce = bool(delay)
+
+
+def keep_graph(keep: bool) -> None:
+    """Keep the autograd graph after backward, so backward can run again on the same forward."""
+    FLAGS.keep_graph = bool(keep)
+
+
+def sync_params_on_init(sync: bool) -> None:
+    """Broadcast rank 0's parameters to all ranks at deployment (on by default)."""
+    FLAGS.sync_params_on_init = bool(sync)
+
+
+def clear() -> None:
+    """Tear down the process group (RaNNC's `clear`)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = [
+    "RaNNCModule", "RannConfig", "load_config", "ConfigError", "CaptureError", "Deployment", "DeploymentError",
+    "PlanningError", "show_deployment", "delay_grad_allreduce", "keep_graph", "sync_params_on_init",
+    "get_rank", "get_world_size", "barrier", "clear",
+]

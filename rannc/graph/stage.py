@@ -1,0 +1,88 @@
+"""Build the module of one stage: the compute nodes of a contiguous range of the graph, fed by the
+values crossing its first cut and the model inputs it reads, returning the values crossing its last cut
+(or the model's outputs, for the last stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from rannc.graph.blocks import Linearized
+from rannc.graph.capture import CapturedGraph, is_replicable
+
+
+@dataclass
+class StageGraph:
+    """A runnable piece of the model and its interface, by value name."""
+
+    module: fx.GraphModule
+    received: list[str]       # crossing values in, in order (the previous stage sends these)
+    inputs: list[int]         # indices of the model inputs this stage reads, in order
+    sent: list[str]           # crossing values out, in order (or the model's flat outputs, if last)
+    is_last: bool
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.module.parameters())
+
+    def tensors(self) -> list:
+        """Parameters and buffers this stage reads (shared ones appear in every stage that reads them)."""
+        return list(self.module.parameters()) + list(self.module.buffers())
+
+
+def build_stage(captured: CapturedGraph, lin: Linearized, start: int, end: int) -> StageGraph:
+    """The stage of compute positions [start, end)."""
+    memo: dict[fx.Node, bool] = {}
+    owned = lin.compute_nodes[start:end]
+    owned_set = set(owned)
+    is_last = end == lin.size
+    received_nodes = lin.crossing[start]
+    sent_nodes = captured.output_nodes() if is_last else lin.crossing[end]
+    received_set = set(received_nodes)
+
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    needed_inputs: set[fx.Node] = set()
+
+    def scan(node: fx.Node) -> None:
+        if node in owned_set or node in received_set:
+            return
+        if node.op == "placeholder":
+            needed_inputs.add(node)
+        elif is_replicable(node, memo):
+            for n in node.all_input_nodes:
+                scan(n)
+
+    for node in owned:
+        for n in node.all_input_nodes:
+            scan(n)
+    for leaf in sent_nodes:
+        if isinstance(leaf, fx.Node):
+            scan(leaf)
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in received_nodes:
+        env[node] = graph.placeholder(f"recv_{node.name}")
+        env[node].meta = dict(node.meta)
+    input_indices = [i for i, p in enumerate(placeholders) if p in needed_inputs]
+    for i in input_indices:
+        env[placeholders[i]] = graph.placeholder(placeholders[i].name)
+        env[placeholders[i]].meta = dict(placeholders[i].meta)
+
+    def lookup(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op == "get_attr" or is_replicable(node, memo):
+                env[node] = graph.node_copy(node, lookup)
+            else:
+                raise RuntimeError(f"stage [{start}, {end}) needs value '{node.name}' that no earlier stage "
+                                   f"sends; this is a rannc bug")
+        return env[node]
+
+    for node in owned:
+        env[node] = graph.node_copy(node, lookup)
+    outputs = tuple(lookup(n) if isinstance(n, fx.Node) else n for n in sent_nodes)
+    graph.output(outputs)
+    module = fx.GraphModule(captured.gm, graph, class_name=f"Stage_{start}_{end}")
+    return StageGraph(module=module, received=[n.name for n in received_nodes], inputs=input_indices,
+                      sent=[n.name if isinstance(n, fx.Node) else repr(n) for n in sent_nodes], is_last=is_last)

@@ -1,0 +1,1 @@
+"""Planning: block profiles in, a Deployment (stages, replicas, micro-batches, recomputation) out."""

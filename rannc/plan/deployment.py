@@ -1,0 +1,126 @@
+"""The plan as plain data: which blocks form each stage, which ranks run it, how many micro-batches, and
+what the cost model predicts. Saved to and loaded from JSON, printed as RaNNC's partition report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+class DeploymentError(ValueError):
+    """A saved deployment does not fit this model, world size or batch size."""
+
+
+@dataclasses.dataclass
+class StagePlan:
+    first_block: int
+    end_block: int                 # exclusive
+    start: int                     # first compute position of the graph
+    end: int                       # exclusive
+    ranks: list[int]
+    recompute: bool
+    fwd_ms: float = 0.0            # per micro-batch, per replica
+    bwd_ms: float = 0.0
+    allreduce_ms: float = 0.0
+    param_bytes: int = 0
+    activation_bytes: int = 0
+    memory_bytes: int = 0          # everything the stage needs on one device
+
+    @property
+    def replicas(self) -> int:
+        return len(self.ranks)
+
+
+@dataclasses.dataclass
+class Deployment:
+    fingerprint: str
+    world_size: int
+    batch_size: int
+    microbatch_count: int
+    stages: list[StagePlan]
+    block_bounds: list[int]
+    predicted_step_ms: float = 0.0
+    memory_limit_bytes: int = 0
+    schedule: str = "gpipe"
+    version: int = 1
+
+    @property
+    def replicas(self) -> int:
+        return self.stages[0].replicas
+
+    def stage_of_rank(self, rank: int) -> int | None:
+        for index, stage in enumerate(self.stages):
+            if rank in stage.ranks:
+                return index
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Deployment":
+        data = json.loads(text)
+        stages = [StagePlan(**s) for s in data.pop("stages")]
+        return cls(stages=stages, **data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Deployment":
+        try:
+            return cls.from_json(Path(path).read_text())
+        except FileNotFoundError:
+            raise DeploymentError(f"deployment file {path} does not exist (load_deployment is on)") from None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise DeploymentError(f"deployment file {path} is not a rannc deployment: {exc}") from None
+
+    def check_fits(self, fingerprint: str, world_size: int, batch_size: int, path: str = "") -> None:
+        where = f" in {path}" if path else ""
+        if self.fingerprint != fingerprint:
+            raise DeploymentError(f"the deployment{where} was planned for another model (fingerprint "
+                                  f"{self.fingerprint}, this model {fingerprint}); delete it or turn off "
+                                  f"load_deployment")
+        if self.world_size != world_size:
+            raise DeploymentError(f"the deployment{where} was planned for {self.world_size} processes, "
+                                  f"this run has {world_size}")
+        if self.batch_size != batch_size:
+            raise DeploymentError(f"the deployment{where} was planned for global batch size {self.batch_size}, "
+                                  f"this run has {batch_size}")
+
+    def table(self) -> str:
+        """The partition report, one line per stage, like RaNNC's DPStaging log."""
+        lines = [f"Deployment: stages={len(self.stages)} replicas={self.replicas} "
+                 f"micro-batches={self.microbatch_count} batch_size={self.batch_size} ranks={self.world_size} "
+                 f"schedule={self.schedule} predicted_step={self.predicted_step_ms:.2f} ms"
+                 + (f" mem_limit={self.memory_limit_bytes / 2**30:.1f} GiB" if self.memory_limit_bytes else ""),
+                 f"{'stage':>5} {'blocks':>11} {'ranks':>14} {'cp':>3} {'fwd_ms':>9} {'bwd_ms':>9} "
+                 f"{'ar_ms':>9} {'params':>10} {'act':>10} {'mem':>10}"]
+        for i, s in enumerate(self.stages):
+            lines.append(
+                f"{i:>5} {f'{s.first_block}-{s.end_block - 1}':>11} {str(s.ranks):>14} "
+                f"{'y' if s.recompute else 'n':>3} {s.fwd_ms:9.3f} {s.bwd_ms:9.3f} {s.allreduce_ms:9.3f} "
+                f"{_gib(s.param_bytes):>10} {_gib(s.activation_bytes):>10} {_gib(s.memory_bytes):>10}")
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f}G"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f}M"
+    return f"{n / 2**10:.1f}K"
+
+
+def show_deployment(path: str | Path, batch_size: int | None = None) -> Deployment:
+    """Print a saved deployment's report (RaNNC's `show_deployment`)."""
+    deployment = Deployment.load(path)
+    if batch_size is not None and batch_size != deployment.batch_size:
+        print(f"note: the deployment was planned for batch size {deployment.batch_size}, not {batch_size}")
+    print(deployment.table())
+    return deployment

@@ -1,0 +1,241 @@
+"""Measure every block on this process's device: forward and backward time and the bytes autograd saves
+for backward, at the micro-batch sizes the planner will ask about; and the speed of p2p and all-reduce.
+
+Blocks run one after another with real inputs (each block's outputs feed the next), moving only one
+block's parameters to the device at a time, so a model larger than one device can still be profiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import rannc
+from rannc import dist as rdist
+from rannc.graph.blocks import Blocks, Linearized
+from rannc.graph.capture import CapturedGraph
+from rannc.graph.stage import build_stage
+from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        import os
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * 2**30
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def cache_key(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
+              autocast_dtype) -> str:
+    digest = hashlib.sha256()
+    for part in (captured.fingerprint, str(blocks.bounds), str(sizes), device_name(device), str(autocast_dtype),
+                 torch.__version__, rannc.__version__):
+        digest.update(part.encode())
+    return digest.hexdigest()[:20]
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
+                   sizes: list[int], device: torch.device, repeats: int = 3, autocast_dtype=None,
+                   show_progress: bool = True) -> list[BlockProfile]:
+    """Time and activation bytes of every block at each micro-batch size in `sizes`."""
+    stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
+    measured: list[dict[str, list[tuple[float, float]]]] = [
+        {"fwd": [], "bwd": [], "act": [], "out": []} for _ in stages]
+    bar = tqdm(total=len(sizes) * len(stages), desc="rannc: profiling blocks", disable=not show_progress,
+               leave=False)
+    for size in sizes:
+        batch = [x[:size].to(device) if batched else x.to(device)
+                 for x, batched in zip(inputs, captured.batched_inputs)]
+        values: dict[str, torch.Tensor] = {}
+        for k, stage in enumerate(stages):
+            fwd_ms, bwd_ms, act, outs = _profile_one(stage, values, batch, device, repeats, autocast_dtype)
+            m = measured[k]
+            m["fwd"].append((size, fwd_ms))
+            m["bwd"].append((size, bwd_ms))
+            m["act"].append((size, act))
+            m["out"].append((size, sum(_bytes(o) for o in outs if isinstance(o, torch.Tensor)) if not
+                                   stage.is_last else 0))
+            for name, value in zip(stage.sent, outs):
+                if isinstance(value, torch.Tensor):
+                    values[name] = value.detach()
+            needed = set(lin.crossing[blocks.bounds[k + 1]]) if k + 1 < blocks.count else set()
+            needed_names = {n.name for n in needed}
+            for name in list(values):
+                if name not in needed_names:
+                    del values[name]
+            bar.update(1)
+    bar.close()
+    profiles = []
+    for stage, m in zip(stages, measured):
+        names = []
+        for t in stage.tensors():
+            names.append(captured.tensor_names.get(id(t), ""))
+        profiles.append(BlockProfile(fwd_ms=Linear.fit(m["fwd"]), bwd_ms=Linear.fit(m["bwd"]),
+                                     activation_bytes=Linear.fit(m["act"]), out_bytes=Linear.fit(m["out"]),
+                                     tensors=names, label=_label(stage)))
+    return profiles
+
+
+def _label(stage) -> str:
+    for node in stage.module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            return list(stack.values())[-1][0]
+    return ""
+
+
+def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
+    """Forward and backward time of one block, with its parameters on the device for the measurement."""
+    moved = []
+    for t in stage.tensors():
+        if t.device != device:
+            moved.append((t, t.data))
+            t.data = t.data.to(device)
+    try:
+        received = []
+        for name in stage.received:
+            v = values[name]
+            received.append(v.detach().requires_grad_(v.is_floating_point()))
+        args = received + [batch[i] for i in stage.inputs]
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            saved[t.data_ptr() if t.device.type != "meta" else id(t)] = _bytes(t)
+            return t
+
+        fwd_times, bwd_times, outs = [], [], None
+        for rep in range(repeats + 1):
+            for r in received:
+                r.grad = None
+            saved.clear()
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, autocast_dtype):
+                outs = stage.module(*args)
+            _sync(device)
+            t1 = time.perf_counter()
+            diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if diff:
+                torch.autograd.backward(diff, [torch.ones_like(o) for o in diff])
+            _sync(device)
+            t2 = time.perf_counter()
+            if rep:  # the first run warms up
+                fwd_times.append((t1 - t0) * 1e3)
+                bwd_times.append((t2 - t1) * 1e3)
+        for t in stage.parameters():
+            t.grad = None
+        fwd_ms = sorted(fwd_times)[len(fwd_times) // 2]
+        bwd_ms = sorted(bwd_times)[len(bwd_times) // 2]
+        return fwd_ms, bwd_ms, float(sum(saved.values())), [o.detach() if isinstance(o, torch.Tensor) else o
+                                                            for o in outs]
+    finally:
+        for t, data in moved:
+            t.data = data
+
+
+def measure_links(device: torch.device, nbytes: int = 4 * 2**20) -> dict[str, float]:
+    """p2p (rank 0 <-> 1) and all-reduce (all ranks) speed, as seen by rank 0; collective."""
+    world = rdist.get_world_size()
+    result = {"p2p_bytes_per_ms": 1e7, "p2p_latency_ms": 0.02, "allreduce_bytes_per_ms": 1e7,
+              "allreduce_latency_ms": 0.05}
+    if world < 2:
+        return result
+    rank = rdist.get_rank()
+    comm = rdist.comm_device()
+    big = torch.ones(nbytes // 4, device=comm)
+    small = torch.ones(1, device=comm)
+
+    def timed(fn, reps=3):
+        fn()
+        _sync(comm)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(comm)
+        return (time.perf_counter() - t0) * 1e3 / reps
+
+    def ping(t):
+        def run():
+            if rank == 0:
+                dist.send(t, 1)
+                dist.recv(t, 1)
+            elif rank == 1:
+                dist.recv(t, 0)
+                dist.send(t, 0)
+        return run
+
+    lat = timed(ping(small)) / 2
+    big_ms = timed(ping(big)) / 2
+    ar_lat = timed(lambda: dist.all_reduce(small))
+    ar_ms = timed(lambda: dist.all_reduce(big))
+    if rank == 0:
+        result = {"p2p_bytes_per_ms": nbytes / max(big_ms - lat, 1e-3), "p2p_latency_ms": lat,
+                  "allreduce_bytes_per_ms": 2.0 * (world - 1) / world * nbytes / max(ar_ms - ar_lat, 1e-3),
+                  "allreduce_latency_ms": ar_lat}
+    return rdist.broadcast_object(result)
+
+
+def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
+                      sizes: list[int], device: torch.device, links: dict[str, float], repeats: int,
+                      cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True) -> ProfileSet:
+    """Profiles of every block, from the on-disk cache when the same graph was profiled before."""
+    key = cache_key(captured, blocks, sizes, device, autocast_dtype)
+    path = Path(cache_dir).expanduser() / f"profile_{key}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            cached = ProfileSet.from_json(path.read_text())
+            log(f"Loaded block profiles from {path}")
+            for k, v in links.items():
+                setattr(cached, k, v)
+            return cached
+        except (ValueError, KeyError, TypeError):
+            log(f"Ignoring unreadable profile cache {path}")
+    t0 = time.perf_counter()
+    block_profiles = profile_blocks(captured, lin, blocks, inputs, sizes, device, repeats, autocast_dtype,
+                                    show_progress)
+    log(f"Profiled {blocks.count} blocks at micro-batch sizes {sizes} in {time.perf_counter() - t0:.1f} s")
+    tensor_bytes, trainable = tensor_table(captured)
+    profile = ProfileSet(blocks=block_profiles, tensor_bytes=tensor_bytes, trainable=trainable,
+                         device_name=device_name(device), device_memory_bytes=device_memory_bytes(device),
+                         **links)
+    if path is not None:
+        try:
+            profile.save(path)
+            log(f"Saved block profiles to {path}")
+        except OSError as exc:
+            log(f"Could not save profile cache {path}: {exc}")
+    return profile
+
+
+def tensor_table(captured: CapturedGraph) -> tuple[dict[str, int], dict[str, bool]]:
+    sizes, trainable = {}, {}
+    for name, t in list(captured.gm.named_parameters()) + list(captured.gm.named_buffers()):
+        key = captured.tensor_names.get(id(t), name)
+        sizes[key] = _bytes(t)
+        trainable[key] = isinstance(t, torch.nn.Parameter) and t.requires_grad
+    return sizes, trainable

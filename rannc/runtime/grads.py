@@ -1,0 +1,84 @@
+"""Gradient all-reduce within each holder set (a stage's replicas, plus the other stages that share a
+tensor) and clipping by the global gradient norm, each parameter counted once."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from rannc.runtime.placement import Placement
+
+BUCKET_BYTES = 64 * 2**20
+
+
+def allreduce_grads(placement: Placement, scale: float = 1.0) -> None:
+    """Sum every local gradient over the ranks that hold its parameter (then multiply by `scale`)."""
+    by_group: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+    for p in placement.local_parameters():
+        if p.requires_grad:
+            by_group.setdefault(placement.holders_of(p), []).append(p)
+    for ranks, params in by_group.items():
+        if len(ranks) == 1:
+            if scale != 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            continue
+        group = placement.groups[ranks]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for bucket in _buckets(params):
+            grads = [p.grad for p in bucket]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            if scale != 1.0:
+                flat.mul_(scale)
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
+
+
+def _buckets(params: list[torch.nn.Parameter]):
+    bucket, size, dtype = [], 0, None
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if bucket and (size + nbytes > BUCKET_BYTES or p.grad.dtype != dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += nbytes
+        dtype = p.grad.dtype
+    if bucket:
+        yield bucket
+
+
+def global_grad_norm(placement: Placement, device: torch.device, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm over all parameters' gradients, each counted once (by its owner); collective."""
+    owned = [p.grad for p in placement.local_parameters()
+             if p.grad is not None and placement.owner(p) == placement.rank]
+    if norm_type == math.inf:
+        local = max((g.detach().abs().max().float() for g in owned), default=torch.zeros((), device=device))
+        total = torch.as_tensor(local, dtype=torch.float32, device=device).reshape(1).clone()
+        if dist.is_initialized():
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return total[0]
+    local = torch.zeros(1, dtype=torch.float64, device=device)
+    for g in owned:
+        local += g.detach().double().norm(norm_type) ** norm_type
+    if dist.is_initialized():
+        dist.all_reduce(local)
+    return (local[0] ** (1.0 / norm_type)).float()
+
+
+def clip_grad_norm(placement: Placement, device: torch.device, max_norm: float,
+                   norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole distributed model; returns the total norm."""
+    total = global_grad_norm(placement, device, norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    grads = [p.grad for p in placement.local_parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total

@@ -1,0 +1,83 @@
+"""Run a function on N gloo ranks on the CPU, as separate processes, with a timeout.
+
+Every multi-process test goes through `run_ranks`: it fails with the rank's traceback when any rank
+raises, and kills all ranks when one of them hangs past the timeout."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, args: tuple) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
+                       "RANNC_PROFILE_CACHE_DIR": "", "RANNC_VERBOSE": "0", "RANNC_COMM_TIMEOUT_S": "60"})
+    os.environ.update(env)
+    try:
+        import torch
+        torch.set_num_threads(1)
+        results.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException as exc:  # report everything, SystemExit included
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
+              env: dict | None = None) -> list[Any]:
+    """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, env or {}, results, args), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) + len(errors) < world:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+                (out if status == "ok" else errors)[rank] = value
+                continue
+            except queue.Empty:
+                pass
+            missing = [r for r in range(world) if r not in out and r not in errors]
+            dead = [r for r in missing if not procs[r].is_alive()]
+            if dead:
+                time.sleep(0.5)
+                if results.empty():
+                    errors.update({r: f"process died with exit code {procs[r].exitcode}" for r in dead})
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ranks {missing} did not finish within {timeout:.0f} s; "
+                                     f"errors so far: {errors}")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RankError(errors)
+    return [out[r] for r in range(world)]
+
+
+class RankError(AssertionError):
+    """One or more ranks raised; `errors` maps rank -> traceback text."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        first = min(errors)
+        super().__init__(f"rank(s) {sorted(errors)} failed; rank {first}:\n{errors[first]}")

@@ -1,0 +1,196 @@
+"""Tests for bert/modeling.py: config files, shapes, the tied decoder, torch.export capture and the
+Megatron options, all on tiny models on the CPU."""
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bert.modeling import (
+    BertConfig,
+    BertForPreTraining,
+    BertForPreTrainingWithCriterion,
+    BertPretrainingCriterion,
+    count_parameters,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "bert" / "configs"
+BATCH_SIZE, SEQ_LEN = 2, 16
+
+
+def tiny_config(**overrides) -> BertConfig:
+    config = BertConfig.from_json_file(CONFIG_DIR / "bert_tiny.json")
+    return dataclasses.replace(config, **overrides)
+
+
+def deterministic_tiny_config(**overrides) -> BertConfig:
+    return tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+
+
+def make_batch(config: BertConfig, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A pretraining batch with padding at the end of the second sequence and -1 on unmasked positions."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, config.vocab_size, (BATCH_SIZE, SEQ_LEN), generator=generator)
+    token_type_ids = torch.zeros(BATCH_SIZE, SEQ_LEN, dtype=torch.long)
+    token_type_ids[:, SEQ_LEN // 2 :] = 1
+    attention_mask = torch.ones(BATCH_SIZE, SEQ_LEN, dtype=torch.long)
+    attention_mask[1, SEQ_LEN - 4 :] = 0
+    masked_lm_labels = torch.full((BATCH_SIZE, SEQ_LEN), -1, dtype=torch.long)
+    masked_lm_labels[:, 1:4] = input_ids[:, 1:4]
+    next_sentence_labels = torch.tensor([0, 1])
+    return input_ids, token_type_ids, attention_mask, masked_lm_labels, next_sentence_labels
+
+
+@pytest.mark.parametrize("config_name", ["bert_tiny", "bert_base", "bert_large", "bert_4.9b"])
+def test_config_files_round_trip_through_json(config_name, tmp_path):
+    config = BertConfig.from_json_file(CONFIG_DIR / f"{config_name}.json")
+    saved_path = tmp_path / "config.json"
+    saved_path.write_text(config.to_json_string())
+    assert BertConfig.from_json_file(saved_path) == config
+    assert BertConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_rejects_unknown_key_and_suggests_the_close_one():
+    with pytest.raises(ValueError, match=r"'hiden_size'.*did you mean 'hidden_size'"):
+        BertConfig.from_dict({"hiden_size": 64})
+
+
+def test_vocab_is_padded_to_multiple_of_8_but_kept_as_given():
+    config = BertConfig(vocab_size=30522)
+    assert config.vocab_size == 30522
+    assert config.padded_vocab_size == 30528
+    assert BertConfig(vocab_size=8192).padded_vocab_size == 8192
+
+
+def test_tiny_forward_shapes():
+    config = tiny_config(vocab_size=8190)  # not a multiple of 8, so padding shows in the logits
+    model = BertForPreTraining(config)
+    input_ids, token_type_ids, attention_mask, _, _ = make_batch(config)
+    prediction_scores, seq_relationship_score = model(input_ids, token_type_ids, attention_mask)
+    assert prediction_scores.shape == (BATCH_SIZE, SEQ_LEN, 8192)
+    assert seq_relationship_score.shape == (BATCH_SIZE, 2)
+
+
+def test_decoder_weight_is_the_word_embedding_parameter():
+    model = BertForPreTraining(tiny_config())
+    word_embedding_weight = model.embeddings.word_embeddings.weight
+    assert model.mlm_head.decoder.weight is word_embedding_weight
+    assert sum(parameter is word_embedding_weight for parameter in model.parameters()) == 1
+    assert model.mlm_head.bias is not word_embedding_weight
+
+
+def test_tied_weight_gradient_is_sum_of_embedding_and_decoder_gradients():
+    torch.manual_seed(0)
+    config = deterministic_tiny_config()
+    tied_model = BertForPreTrainingWithCriterion(config)
+    untied_model = copy.deepcopy(tied_model)
+    untied_model.mlm_head.decoder.weight = nn.Parameter(tied_model.embeddings.word_embeddings.weight.clone())
+    batch = make_batch(config)
+
+    tied_model(*batch).backward()
+    untied_model(*batch).backward()
+
+    embedding_grad = untied_model.embeddings.word_embeddings.weight.grad
+    decoder_grad = untied_model.mlm_head.decoder.weight.grad
+    assert embedding_grad.abs().sum() > 0 and decoder_grad.abs().sum() > 0
+    torch.testing.assert_close(
+        tied_model.embeddings.word_embeddings.weight.grad, embedding_grad + decoder_grad, rtol=1e-5, atol=1e-7
+    )
+
+
+def test_export_non_strict_in_train_mode_matches_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    config = deterministic_tiny_config()
+    model = BertForPreTrainingWithCriterion(config).train()
+    batch = make_batch(config)
+
+    exported = torch.export.export(model, batch, strict=False)
+
+    eager_loss = model(*batch)
+    eager_loss.backward()
+    eager_grads = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters(remove_duplicate=False)
+    }
+    model.zero_grad(set_to_none=True)
+
+    exported_module = exported.module()
+    exported_loss = exported_module(*batch)
+    exported_loss.backward()
+
+    torch.testing.assert_close(exported_loss, eager_loss, rtol=0, atol=1e-6)
+    exported_parameters = dict(exported_module.named_parameters())
+    assert len(exported_parameters) == len(list(model.parameters()))
+    for name, parameter in exported_parameters.items():
+        torch.testing.assert_close(parameter.grad, eager_grads[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_scale_query_key_matches_plain_attention_in_fp32():
+    torch.manual_seed(0)
+    config = deterministic_tiny_config(num_hidden_layers=3)  # layer numbers 1..3 all exercised
+    plain_model = BertForPreTraining(config).eval()
+    scaled_model = BertForPreTraining(dataclasses.replace(config, scale_query_key=True)).eval()
+    scaled_model.load_state_dict(plain_model.state_dict())
+    input_ids, token_type_ids, attention_mask, _, _ = make_batch(config)
+
+    with torch.no_grad():
+        plain_outputs = plain_model(input_ids, token_type_ids, attention_mask)
+        scaled_outputs = scaled_model(input_ids, token_type_ids, attention_mask)
+    for plain_output, scaled_output in zip(plain_outputs, scaled_outputs):
+        torch.testing.assert_close(scaled_output, plain_output, rtol=0, atol=1e-5)
+
+
+def test_megatron_residual_connection_builds_and_trains():
+    config = tiny_config(megatron_residual_connection=True, scale_query_key=True, deep_weight_init=True)
+    model = BertForPreTrainingWithCriterion(config).train()
+    assert isinstance(model.encoder.final_layer_norm, nn.LayerNorm)
+    loss = model(*make_batch(config))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(parameter.grad is not None for parameter in model.parameters())
+
+
+def test_deep_weight_init_shrinks_output_projections_only():
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=8)
+    deep_model = BertForPreTraining(dataclasses.replace(config, deep_weight_init=True))
+    normal_model = BertForPreTraining(config)
+    scaled_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+
+    for layer in deep_model.encoder.layers:
+        assert layer.attention.output.weight.std().item() == pytest.approx(scaled_std, rel=0.05)
+        assert layer.mlp.output.weight.std().item() == pytest.approx(scaled_std, rel=0.05)
+        assert layer.attention.query.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    for layer in normal_model.encoder.layers:
+        assert layer.attention.output.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+        assert layer.mlp.output.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+
+
+def test_4_9b_config_has_4_9_billion_parameters():
+    config = BertConfig.from_json_file(CONFIG_DIR / "bert_4.9b.json")
+    with torch.device("meta"):
+        model = BertForPreTrainingWithCriterion(config)
+    parameter_count = count_parameters(model)
+    print(f"bert_4.9b parameters: {parameter_count:,}")
+    assert parameter_count == pytest.approx(4.9e9, abs=0.1e9)
+
+
+def test_criterion_ignores_minus_one_labels():
+    torch.manual_seed(0)
+    vocab_size = 16
+    prediction_scores = torch.randn(BATCH_SIZE, 4, vocab_size)
+    seq_relationship_score = torch.randn(BATCH_SIZE, 2)
+    masked_lm_labels = torch.tensor([[3, -1, -1, 7], [-1, 5, -1, -1]])
+    next_sentence_labels = torch.tensor([1, -1])
+
+    loss = BertPretrainingCriterion(vocab_size)(
+        prediction_scores, seq_relationship_score, masked_lm_labels, next_sentence_labels
+    )
+
+    labelled = masked_lm_labels != -1
+    expected_mlm = nn.functional.cross_entropy(prediction_scores[labelled], masked_lm_labels[labelled])
+    expected_nsp = nn.functional.cross_entropy(seq_relationship_score[:1], next_sentence_labels[:1])
+    torch.testing.assert_close(loss, expected_mlm + expected_nsp)

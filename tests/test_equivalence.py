@@ -1,0 +1,94 @@
+"""Distributed training equals single-process training on the same global batch: losses every step and
+parameters after the last, for every test model, world sizes 1-4 and forced partitions of 1-3 stages
+(replicas where the world allows), with SGD+momentum and Adam, clip_grad_norm, and gradient accumulation
+with a delayed all-reduce."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import models
+from distributed import run_ranks
+
+MODELS = ["mlp", "bert", "skip", "multi"]
+STEPS = 5
+BATCH = 24
+RTOL = 1e-5
+
+
+def _optimizer(kind: str, params):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    # eps keeps Adam from turning float rounding in near-zero gradients into full-size steps
+    return torch.optim.Adam(params, lr=0.01, eps=1e-3)
+
+
+def _train_pair(rank, world, name, stages, opt_kind, accumulation):
+    """Train a RaNNCModule and (on rank 0) the plain model side by side; return the largest differences."""
+    import rannc
+
+    torch.manual_seed(1234)
+    model = models.make(name)
+    reference = copy.deepcopy(model)
+    optimizer = _optimizer(opt_kind, model.parameters())
+    ref_optimizer = _optimizer(opt_kind, reference.parameters())
+    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=stages, profile_repeats=1)
+    rannc.delay_grad_allreduce(accumulation > 1)
+    loss_err, losses = 0.0, []
+    for _step in range(STEPS):
+        for micro in range(accumulation):
+            batch = models.global_batch(name, BATCH, seed=micro)
+            loss = wrapped(*models.local_part(batch, rank, world))
+            loss.backward()
+            ref_loss = reference(*batch)
+            ref_loss.backward()
+            loss_err = max(loss_err, abs(loss.item() - ref_loss.item()) / max(1e-6, abs(ref_loss.item())))
+            losses.append(loss.item())
+        if accumulation > 1:
+            wrapped.allreduce_grads()
+        wrapped.clip_grad_norm(0.5)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+    rannc.delay_grad_allreduce(False)
+    state = wrapped.state_dict()
+    param_err = 0.0
+    if rank == 0:
+        for key, value in reference.state_dict().items():
+            scale = value.abs().max().item() + 1e-3
+            param_err = max(param_err, (state[key] - value).abs().max().item() / scale)
+    assert len(wrapped.deployment.stages) == stages
+    return loss_err, param_err, losses[0] > losses[-accumulation]
+
+
+def _matrix(rank, world, cases):
+    return [(case, _train_pair(rank, world, *case)) for case in cases]
+
+
+def _cases(world: int, accumulation: int):
+    stage_counts = [s for s in (1, 2, 3) if s <= world]
+    return [(name, stages, opt, accumulation) for name in MODELS for stages in stage_counts
+            for opt in ("sgd", "adam")]
+
+
+def _check(results):
+    for case, (loss_err, param_err, fell) in results[0]:
+        assert loss_err < RTOL, f"{case}: loss differs by {loss_err:.2e} (relative)"
+        assert param_err < RTOL, f"{case}: parameters differ by {param_err:.2e} (relative)"
+        assert fell, f"{case}: the loss did not fall"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_training_matches_single_process(world):
+    _check(run_ranks(_matrix, world, _cases(world, 1), timeout=600))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gradient_accumulation_matches_single_process(world):
+    cases = [c for c in _cases(world, 4) if c[2] == "adam" or c[0] == "mlp"]
+    _check(run_ranks(_matrix, world, cases, timeout=600))
