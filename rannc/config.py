@@ -71,7 +71,8 @@ class RannConfig:
         """A copy with some items changed; names and values are validated like file items."""
         merged = dataclasses.asdict(self)
         for name, value in items.items():
-            merged[_check_name(name, "argument")] = _coerce(name, value, "argument")
+            key = _check_name(name, "argument")
+            merged[key] = _coerce(key, value, "argument")
         return RannConfig(**merged)
 
 
