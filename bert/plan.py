@@ -1,0 +1,46 @@
+"""Print the plan rannc chooses for a BERT config on N devices, without running it (a dry run from
+estimated profiles; the model is built on the meta device, so any size plans on a laptop).
+
+    python -m bert.plan --config_file bert/configs/bert_4.9b.json --np 8 --device h200 --batch_size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bert.modeling import BertConfig, BertForPreTrainingWithCriterion, count_parameters
+from rannc.config import RannConfig
+from rannc.plan.dry_run import plan_dry_run
+from rannc.profile.estimate import DEVICES
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_file", default="bert/configs/bert_4.9b.json")
+    parser.add_argument("--np", type=int, default=8, help="number of devices to plan for")
+    parser.add_argument("--device", choices=sorted(DEVICES), default="h200")
+    parser.add_argument("--batch_size", type=int, default=64, help="global batch per optimizer micro-step")
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--mem_limit_gb", type=float, default=0.0)
+    parser.add_argument("--partition_num", type=int, default=0)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    config = BertConfig.from_json_file(args.config_file)
+    with torch.device("meta"):
+        model = BertForPreTrainingWithCriterion(config)
+        b, s = 8, args.max_seq_length
+        ids = torch.zeros(b, s, dtype=torch.long)
+        inputs = (ids, ids, torch.ones(b, s, dtype=torch.long), ids, torch.zeros(b, dtype=torch.long))
+    print(f"{args.config_file}: {count_parameters(model) / 1e9:.2f} B parameters")
+    rannc_config = RannConfig(mem_limit_gb=args.mem_limit_gb, partition_num=args.partition_num)
+    deployment = plan_dry_run(model, inputs, args.np, args.batch_size, DEVICES[args.device], rannc_config)
+    print(deployment.table())
+    print(f"dry-run plan finished in {time.perf_counter() - t0:.1f} s")
+    return deployment
+
+
+if __name__ == "__main__":
+    main()

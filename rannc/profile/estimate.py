@@ -1,0 +1,87 @@
+"""Profiles estimated from the graph alone (FLOPs, tensor sizes and a device's datasheet), for planning
+without running anything: dry runs for devices this machine does not have, and models too large to
+profile here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from rannc.graph.blocks import Blocks, Linearized, _hint, _numel, node_flops
+from rannc.graph.capture import CapturedGraph, is_tensor_value
+from rannc.profile.profiler import tensor_table
+from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    memory_bytes: int
+    peak_flops: float            # dense bf16 (or fp32 when that is what runs) FLOP/s
+    efficiency: float = 0.45     # fraction of peak that transformer blocks reach
+    link_bytes_per_ms: float = 1.5e8   # NVLink-class p2p / all-reduce bus bandwidth
+    op_overhead_ms: float = 0.004      # launch cost per operation
+
+
+DEVICES = {
+    "h200": DeviceSpec("NVIDIA H200 (datasheet)", 141 * 10**9, 989e12),
+    "h100": DeviceSpec("NVIDIA H100 80GB (datasheet)", 80 * 10**9, 989e12),
+    "a100": DeviceSpec("NVIDIA A100 80GB (datasheet)", 80 * 10**9, 312e12),
+    "v100": DeviceSpec("NVIDIA V100 32GB (datasheet)", 32 * 10**9, 125e12, link_bytes_per_ms=5e7),
+}
+
+
+def _bytes(node: fx.Node, activation_bytes_per_element: float) -> float:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return 0.0
+    per = activation_bytes_per_element if value.is_floating_point() else value.element_size()
+    return _numel(value) * per
+
+
+def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, spec: DeviceSpec,
+                      activation_bytes_per_element: float = 2.0) -> ProfileSet:
+    """A ProfileSet from FLOPs and sizes: time = FLOPs / (peak x efficiency) + per-op overhead, backward
+    twice the forward; activations = every intermediate kept for backward (an upper bound)."""
+    batch = _example_batch(captured)
+    profiles = []
+    for k in range(blocks.count):
+        start, end = blocks.positions(k, k + 1)
+        nodes = lin.compute_nodes[start:end]
+        flops = sum(node_flops(n) for n in nodes) / batch
+        fwd_per_sample = flops / (spec.peak_flops * spec.efficiency) * 1e3
+        overhead = spec.op_overhead_ms * len(nodes)
+        act = sum(_bytes(n, activation_bytes_per_element) for n in nodes) / batch
+        out = 0.0
+        if end < lin.size:
+            out = sum(_bytes(n, activation_bytes_per_element) for n in lin.crossing[end] if is_tensor_value(n)) / batch
+        names = []
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                if arg.op == "get_attr":
+                    names.append(captured.tensor_names.get(id(_attr(captured, arg.target)), arg.target))
+        profiles.append(BlockProfile(fwd_ms=Linear(overhead, fwd_per_sample),
+                                     bwd_ms=Linear(2 * overhead, 2 * fwd_per_sample),
+                                     activation_bytes=Linear(0.0, act), out_bytes=Linear(0.0, out),
+                                     tensors=list(dict.fromkeys(names))))
+    sizes, trainable = tensor_table(captured)
+    return ProfileSet(blocks=profiles, tensor_bytes=sizes, trainable=trainable, device_name=spec.name,
+                      device_memory_bytes=spec.memory_bytes, p2p_bytes_per_ms=spec.link_bytes_per_ms,
+                      p2p_latency_ms=0.02, allreduce_bytes_per_ms=spec.link_bytes_per_ms,
+                      allreduce_latency_ms=0.05, measured=False)
+
+
+def _attr(captured: CapturedGraph, target: str):
+    obj = captured.gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _example_batch(captured: CapturedGraph) -> int:
+    for node, batched in zip((n for n in captured.gm.graph.nodes if n.op == "placeholder"), captured.batched_inputs):
+        if batched:
+            return max(1, _hint(node.meta["val"].shape[0]))
+    return 1
