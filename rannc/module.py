@@ -159,8 +159,8 @@ class RaNNCModule(nn.Module):
             stray = [p for g in self._optimizer_patch.full_groups for p in g if id(p) not in model_params]
             if stray:
                 raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
-        cpu_args = tuple(a.detach() for a in local_args)
-        captured = capture(self.model, cpu_args)
+        model_device = next((t.device for t in named.values()), torch.device("cpu"))
+        captured = capture(self.model, tuple(a.detach().to(model_device) for a in local_args))
         lin = linearize(captured)
         blocks = make_blocks(lin, cfg.max_blocks)
         self._captured = captured
