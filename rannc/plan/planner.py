@@ -191,7 +191,7 @@ def _split(costs: _RangeCosts, profile: ProfileSet, stage_count: int, replicas: 
                     best_here = (value, i)
             best[s][j] = best_here
     if best[stage_count][n][0] == inf:
-        return smallest_need
+        return float(smallest_need)
     ranges = []
     j = n
     for s in range(stage_count, 0, -1):
