@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -29,7 +30,8 @@ def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, a
     try:
         import torch
         torch.set_num_threads(1)
-        results.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle: tensors travel by value, not as shared memory that dies with the child
+        results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException as exc:  # report everything, SystemExit included
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
@@ -71,7 +73,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
                 p.kill()
     if errors:
         raise RankError(errors)
-    return [out[r] for r in range(world)]
+    return [pickle.loads(out[r]) for r in range(world)]
 
 
 class RankError(AssertionError):

@@ -1,0 +1,104 @@
+"""The planner on synthetic profiles (data parallelism when memory allows, pipelines when it does not,
+forced stage counts, clear errors), schedules as data, deployment files, and the 4.9B dry run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rannc.config import RannConfig
+from rannc.graph.blocks import Blocks
+from rannc.plan.deployment import Deployment, DeploymentError, show_deployment
+from rannc.plan.planner import PlanningError, plan
+from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
+from rannc.runtime.chunks import split_batch
+from rannc.runtime.schedule import gpipe_backward, gpipe_forward
+
+GB = 10**9
+
+
+def _profile(blocks=16, param_bytes=GB, memory=80 * GB, ar_bytes_per_ms=1e8):
+    """`blocks` equal blocks of `param_bytes` each, 1 ms + 0.1 ms/sample forward."""
+    return ProfileSet(
+        blocks=[BlockProfile(fwd_ms=Linear(0.05, 0.1), bwd_ms=Linear(0.1, 0.2), activation_bytes=Linear(0, 1e7),
+                             out_bytes=Linear(0, 1e5), tensors=[f"w{k}"]) for k in range(blocks)],
+        tensor_bytes={f"w{k}": param_bytes for k in range(blocks)}, trainable={f"w{k}": True for k in range(blocks)},
+        device_name="test", device_memory_bytes=memory, allreduce_bytes_per_ms=ar_bytes_per_ms,
+        p2p_bytes_per_ms=1e7)
+
+
+def _bounds(n):
+    return Blocks(list(range(n + 1)))
+
+
+def test_enough_memory_gives_data_parallelism():
+    d = plan(_profile(param_bytes=10**7), _bounds(16), 4, 64, RannConfig(), "f")
+    assert len(d.stages) == 1 and d.stages[0].ranks == [0, 1, 2, 3] and d.microbatch_count == 1
+
+
+def test_too_little_memory_gives_a_pipeline_that_fits():
+    # 16 GB of parameters x (param + grad + 2 Adam states) = 64 GB: one 40 GB device cannot hold it
+    d = plan(_profile(param_bytes=GB, memory=40 * GB), _bounds(16), 4, 64, RannConfig(mem_margin=0.1), "f")
+    assert len(d.stages) >= 2
+    assert all(s.memory_bytes <= 36 * GB for s in d.stages)
+    assert sorted(r for s in d.stages for r in s.ranks) == list(range(len(d.stages) * d.replicas))
+    assert [s.first_block for s in d.stages][0] == 0 and d.stages[-1].end_block == 16
+
+
+def test_partition_num_forces_the_stage_count():
+    d = plan(_profile(param_bytes=10**7), _bounds(16), 4, 64, RannConfig(partition_num=2), "f")
+    assert len(d.stages) == 2 and d.replicas == 2 and d.stages[1].ranks == [2, 3]
+
+
+def test_recomputation_when_activations_do_not_fit():
+    profile = _profile(blocks=4, param_bytes=GB, memory=40 * GB)
+    for b in profile.blocks:
+        b.activation_bytes = Linear(0, 2e8)   # 64 samples x 4 blocks = 51 GB kept without recomputation;
+    # with it, one micro-batch of 16 (13 GB) at a time: 16 GB of states + 13 GB fits 40 GB
+    d = plan(profile, _bounds(4), 1, 64, RannConfig(mem_margin=0.0, min_pipeline=4, max_pipeline=4), "f")
+    assert d.stages[0].recompute and d.microbatch_count == 4
+    assert d.stages[0].memory_bytes <= 40 * GB
+
+
+def test_nothing_fits_is_a_clear_error():
+    with pytest.raises(PlanningError, match="no partition of the model fits"):
+        plan(_profile(param_bytes=10 * GB, memory=20 * GB), _bounds(16), 2, 64, RannConfig(), "f")
+
+
+def test_gpipe_schedule_lists():
+    assert [str(a) for a in gpipe_forward(3)] == ["F0", "F1", "F2"]
+    assert [str(a) for a in gpipe_backward(3)] == ["B2", "B1", "B0"]
+
+
+def test_chunks_cover_the_batch_with_weights_summing_to_one():
+    chunks = split_batch(10, 2, 2)
+    rows = [(c.start, c.stop) for m in chunks for c in m]
+    assert rows == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert abs(sum(c.weight for m in chunks for c in m) - 1.0) < 1e-12
+
+
+def test_deployment_file_round_trip_and_checks(tmp_path, capsys):
+    d = plan(_profile(param_bytes=10**7), _bounds(16), 2, 32, RannConfig(partition_num=2), "abc")
+    path = tmp_path / "d.json"
+    d.save(path)
+    loaded = Deployment.load(path)
+    assert loaded == d
+    loaded.check_fits("abc", 2, 32)
+    with pytest.raises(DeploymentError, match="another model"):
+        loaded.check_fits("xyz", 2, 32)
+    with pytest.raises(DeploymentError, match="planned for 2 processes"):
+        loaded.check_fits("abc", 4, 32)
+    show_deployment(path, 32)
+    assert "stages=2" in capsys.readouterr().out
+
+
+def test_dry_run_plan_of_the_49b_bert_for_8_devices_is_fast(capsys):
+    from bert import plan as bert_plan
+    start = time.perf_counter()
+    deployment = bert_plan.main(["--config_file", "bert/configs/bert_4.9b.json", "--np", "8", "--device", "h100"])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"dry-run planning took {elapsed:.1f} s"
+    assert all(s.memory_bytes <= deployment.memory_limit_bytes for s in deployment.stages)
+    assert len(deployment.stages) >= 2   # 78 GB of fp32 weights, grads and LAMB states cannot fit one 80 GB card
+    assert "4.91 B parameters" in capsys.readouterr().out
