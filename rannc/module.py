@@ -17,7 +17,7 @@ import torch.nn as nn
 from rannc import dist as rdist
 from rannc.config import RannConfig, load_config
 from rannc.graph.blocks import linearize, make_blocks
-from rannc.graph.capture import capture
+from rannc.graph.capture import capture, retarget_device
 from rannc.graph.dropout import dropout_active
 from rannc.graph.stage import build_stage
 from rannc.plan.deployment import Deployment
@@ -161,6 +161,7 @@ class RaNNCModule(nn.Module):
                 raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
         model_device = next((t.device for t in named.values()), torch.device("cpu"))
         captured = capture(self.model, tuple(a.detach().to(model_device) for a in local_args))
+        retarget_device(captured.gm, self.device)
         lin = linearize(captured)
         blocks = make_blocks(lin, cfg.max_blocks)
         self._captured = captured

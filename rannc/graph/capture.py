@@ -156,3 +156,23 @@ def is_replicable(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
         result = False
     memo[node] = result
     return result
+
+
+def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
+    """Point the graph at this rank's device: factory ops (arange, zeros, ...) captured with the model on
+    another device carry that device as a constant, and lifted tensor constants live there too."""
+    changed = False
+    for node in gm.graph.nodes:
+        dev = node.kwargs.get("device")
+        if isinstance(dev, torch.device) and dev != device:
+            node.update_kwarg("device", device)
+            changed = True
+        elif node.op == "get_attr":
+            owner_path, _, name = node.target.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            value = getattr(owner, name)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and \
+                    name not in owner._buffers and value.device != device:
+                setattr(owner, name, value.to(device))
+    if changed:
+        gm.recompile()
