@@ -150,8 +150,9 @@ class BertSelfAttention(nn.Module):
         if self.scale_query_key:
             context = self.layer_scaled_attention(query, key, value, additive_mask, dropout_p)
         else:
+            # A boolean mask carries no dtype: a captured graph then runs unchanged under autocast.
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=additive_mask.to(query.dtype), dropout_p=dropout_p
+                query, key, value, attn_mask=additive_mask > MASKED_SCORE / 2, dropout_p=dropout_p
             )
         context = context.transpose(1, 2).reshape(batch_size, seq_len, hidden_size)
         return self.output(context)

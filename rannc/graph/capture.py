@@ -97,12 +97,15 @@ def capture(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: boo
 
 
 def _clean(gm: fx.GraphModule) -> None:
-    """Drop export's guard call and unused attribute reads, and make every tensor one get_attr node
+    """Drop export's guard call, its tensor-metadata assertions and unused attribute reads, and make every tensor one get_attr node
     (a tied weight is listed under each of its names)."""
     graph = gm.graph
     first_attr: dict[int, fx.Node] = {}
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            # dtype/device checks of the capture; autocast and the rank's device legitimately change both
             graph.erase_node(node)
         elif node.op == "get_attr":
             tensor = _attr(gm, node.target)
