@@ -24,7 +24,7 @@ from rannc.plan.deployment import Deployment
 from rannc.plan.planner import microbatch_candidates, plan
 from rannc.profile.profiler import build_profile_set, measure_links
 from rannc.runtime import grads as grad_ops
-from rannc.runtime.chunks import split_batch
+from rannc.runtime.chunks import Chunk, split_batch
 from rannc.runtime.optimizer import OptimizerPatch
 from rannc.runtime.pipeline import StageRuntime
 from rannc.runtime.placement import Placement
@@ -102,10 +102,12 @@ class RaNNCModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_args(args, kwargs)
-        global_args = self._gather_global_batch(args)
+        self._check_shapes(args)
         if self._deployment is None:
-            self._deploy(args, global_args)
-        return self._run(global_args)
+            self._deploy(args, self._gather_global_batch(args))
+        if self._local_rows_only():
+            return self._run(list(args), local=True)
+        return self._run(self._gather_global_batch(args))
 
     def enable_dropout(self, enable: bool) -> None:
         self._dropout_enabled = bool(enable)
@@ -260,10 +262,16 @@ class RaNNCModule(nn.Module):
             raise TypeError(f"RaNNCModule was deployed for {len(self._captured.input_names)} arguments, got "
                             f"{len(args)}")
 
-    def _gather_global_batch(self, args: tuple) -> list[torch.Tensor]:
-        """All ranks' local batches concatenated in rank order (the global batch), on every rank."""
+    def _local_rows_only(self) -> bool:
+        """Plain data parallelism over all ranks in one micro-batch: each replica's rows are exactly its
+        own local batch, so nothing needs to be gathered."""
+        d = self._deployment
+        return len(d.stages) == 1 and d.microbatch_count == 1 and d.replicas == self.world_size
+
+    def _check_shapes(self, args: tuple) -> None:
+        """Collective: every rank passes tensors of the same shapes (local batches of one size)."""
         if self.world_size == 1:
-            return list(args)
+            return
         comm = rdist.comm_device()
         shapes = torch.tensor([d for a in args for d in ([a.dim()] + list(a.shape) + [0] * (8 - a.dim()))],
                               dtype=torch.int64, device=comm)
@@ -280,6 +288,12 @@ class RaNNCModule(nn.Module):
                     raise ValueError(f"local batch sizes differ: argument {i} has {mine[1]} rows on rank "
                                      f"{self.rank} and {theirs[1]} on rank {rank}; every rank must pass a "
                                      f"local batch of the same size")
+
+    def _gather_global_batch(self, args: tuple) -> list[torch.Tensor]:
+        """All ranks' local batches concatenated in rank order (the global batch), on every rank."""
+        if self.world_size == 1:
+            return list(args)
+        comm = rdist.comm_device()
         out = []
         for a in args:
             if a.dim() == 0:
@@ -291,12 +305,14 @@ class RaNNCModule(nn.Module):
             out.append(torch.cat(parts).to(self.device))
         return out
 
-    def _run(self, global_args: list[torch.Tensor]) -> torch.Tensor:
+    def _run(self, batch_args: list[torch.Tensor], local: bool = False) -> torch.Tensor:
+        """`batch_args`: the global batch, or with `local` this rank's rows of it (data parallelism)."""
         deployment = self._deployment
         grad = torch.is_grad_enabled()
         key = (_autocast_key(self.device), grad)
-        batch = global_args[self._captured.batched_inputs.index(True)].shape[0] if any(
+        rows = batch_args[self._captured.batched_inputs.index(True)].shape[0] if any(
             self._captured.batched_inputs) else 1
+        batch = rows * self.world_size if local else rows
         if batch != deployment.batch_size:
             raise ValueError(f"the global batch has {batch} samples but the deployment was planned for "
                              f"{deployment.batch_size}; keep the local batch size fixed")
@@ -304,11 +320,13 @@ class RaNNCModule(nn.Module):
         partial = torch.zeros((), dtype=torch.float32, device=self.device)
         if self._runtime is not None:
             my_chunks = [row[self._replica] for row in chunks]
+            if local:
+                my_chunks = [Chunk(0, rows, c.weight) for c in my_chunks]
             self._runtime.keep_graph = FLAGS.keep_graph
             self._runtime.clear()
             with dropout_active(self.training and self._dropout_enabled):
                 results = self._runtime.run_forward(gpipe_forward(deployment.microbatch_count), my_chunks,
-                                                    global_args, key)
+                                                    batch_args, key)
             for chunk, outputs in results:
                 if len(outputs) != 1 or not isinstance(outputs[0], torch.Tensor) or outputs[0].dim() != 0:
                     raise TypeError("RaNNCModule runs models whose forward returns one scalar loss; this model "

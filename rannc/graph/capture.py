@@ -97,8 +97,8 @@ def capture(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: boo
 
 
 def _clean(gm: fx.GraphModule) -> None:
-    """Drop export's guard call, its tensor-metadata assertions and unused attribute reads, and make every tensor one get_attr node
-    (a tied weight is listed under each of its names)."""
+    """Drop export's guard call, its tensor-metadata assertions and unused attribute reads, and make every
+    tensor one get_attr node (a tied weight is listed under each of its names)."""
     graph = gm.graph
     first_attr: dict[int, fx.Node] = {}
     for node in list(graph.nodes):

@@ -158,7 +158,7 @@ def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
             t.data = data
 
 
-def measure_links(device: torch.device, nbytes: int = 4 * 2**20) -> dict[str, float]:
+def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, float]:
     """p2p (rank 0 <-> 1) and all-reduce (all ranks) speed, as seen by rank 0; collective."""
     world = rdist.get_world_size()
     result = {"p2p_bytes_per_ms": 1e7, "p2p_latency_ms": 0.02, "allreduce_bytes_per_ms": 1e7,
@@ -194,8 +194,10 @@ def measure_links(device: torch.device, nbytes: int = 4 * 2**20) -> dict[str, fl
     ar_lat = timed(lambda: dist.all_reduce(small))
     ar_ms = timed(lambda: dist.all_reduce(big))
     if rank == 0:
-        result = {"p2p_bytes_per_ms": nbytes / max(big_ms - lat, 1e-3), "p2p_latency_ms": lat,
-                  "allreduce_bytes_per_ms": 2.0 * (world - 1) / world * nbytes / max(ar_ms - ar_lat, 1e-3),
+        # bandwidth from the whole large transfer (latency included): subtracting a small message's
+        # time overestimates the bandwidth badly when both are latency-bound
+        result = {"p2p_bytes_per_ms": nbytes / max(big_ms, 1e-3), "p2p_latency_ms": lat,
+                  "allreduce_bytes_per_ms": 2.0 * (world - 1) / world * nbytes / max(ar_ms, 1e-3),
                   "allreduce_latency_ms": ar_lat}
     return rdist.broadcast_object(result)
 
