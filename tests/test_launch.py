@@ -1,0 +1,59 @@
+"""Launchers and deployment files in a live run: torchrun / mpirun / SLURM variables, a dry run for more
+devices than are running, and reusing a saved deployment."""
+
+from __future__ import annotations
+
+import torch
+
+import models
+from distributed import run_ranks
+from rannc.dist import launch_env
+
+
+def test_launcher_variables():
+    assert launch_env({}) == (0, 1, 0)
+    assert launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
+    assert launch_env({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+                       "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == (5, 8, 1)
+    assert launch_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}) == (2, 4, 0)
+
+
+def _dry_run(rank, world, path):
+    import rannc
+    torch.manual_seed(0)
+    model = models.make("mlp")
+    wrapped = rannc.RaNNCModule(model, partitioning_dry_run_np=4, partition_num=2, save_deployment=True,
+                                deployment_file=path, profile_repeats=1)
+    try:
+        wrapped(*models.global_batch("mlp", 8, 0))
+    except SystemExit as stop:
+        return stop.code
+    return "did not exit"
+
+
+def _reuse(rank, world, path):
+    import rannc
+    torch.manual_seed(0)
+    model = models.make("mlp")
+    first = rannc.RaNNCModule(model, partition_num=2, save_deployment=True, deployment_file=path)
+    batch = models.local_part(models.global_batch("mlp", 8, 0), rank, world)
+    expected = first(*batch).item()
+    rannc.barrier()
+    torch.manual_seed(0)
+    again = rannc.RaNNCModule(models.make("mlp"), load_deployment=True, deployment_file=path)
+    loss = again(*batch).item()
+    return expected, loss, [s.ranks for s in again.deployment.stages]
+
+
+def test_dry_run_plans_for_more_devices_and_exits(tmp_path):
+    path = tmp_path / "dry.json"
+    assert run_ranks(_dry_run, 1, str(path), timeout=120) == [0]
+    from rannc.plan.deployment import Deployment
+    deployment = Deployment.load(path)
+    assert deployment.world_size == 4 and len(deployment.stages) == 2 and deployment.replicas == 2
+
+
+def test_saved_deployment_is_reused(tmp_path):
+    for expected, loss, stages in run_ranks(_reuse, 2, str(tmp_path / "d.json"), timeout=120):
+        assert stages == [[0], [1]]
+        assert abs(expected - loss) < 1e-6
