@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from rannc.dist import launch_env
+
 import models
 from distributed import run_ranks
-from rannc.dist import launch_env
 
 
 def test_launcher_variables():
