@@ -243,6 +243,10 @@ class RaNNCModule(nn.Module):
             self._replica = replica
         if self._optimizer_patch is not None:
             self._optimizer_patch.deploy(placement)
+        self._reducer = None
+        if self._runtime is not None and self.world_size > 1:
+            self._reducer = grad_ops.OverlappedAllReduce(placement, self._runtime.stage.parameters())
+            self.model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
         self._deployment = deployment
 
     # ---- every call ----------------------------------------------------------------------------------
@@ -343,11 +347,22 @@ class RaNNCModule(nn.Module):
         return _PipelineLoss.apply(self._anchor, partial, self)
 
     def _backward(self, grad_output: torch.Tensor) -> None:
+        overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce and not FLAGS.keep_graph
         if self._runtime is not None:
-            with dropout_active(self.training and self._dropout_enabled):
-                self._runtime.run_backward(gpipe_backward(self._deployment.microbatch_count),
-                                           grad_output.to(self.device))
-        if not FLAGS.delay_grad_allreduce:
+            if overlap:
+                self._reducer.begin(self._deployment.microbatch_count)
+            try:
+                with dropout_active(self.training and self._dropout_enabled):
+                    self._runtime.run_backward(gpipe_backward(self._deployment.microbatch_count),
+                                               grad_output.to(self.device))
+            except BaseException:
+                if overlap:
+                    self._reducer.cancel()
+                raise
+        if overlap:
+            self._reducer.finish()
+            # holder sets of parameters this rank's stage does not read (none today) still need the sum
+        elif not FLAGS.delay_grad_allreduce:
             grad_ops.allreduce_grads(self._placement)
 
     def _require_ready(self, what: str) -> None:

@@ -82,3 +82,75 @@ def clip_grad_norm(placement: Placement, device: torch.device, max_norm: float,
     if grads:
         torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total
+
+
+class OverlappedAllReduce:
+    """Gradient all-reduce that overlaps the backward pass, as DDP does: parameters are put in buckets
+    (per holder set, in reverse order of use, at most BUCKET_BYTES), and a bucket is reduced
+    asynchronously as soon as the last micro-batch's backward has produced all of its gradients.
+
+    Buckets are launched strictly in index order, so every rank of a group issues its collectives in
+    the same order whatever order autograd finishes them in."""
+
+    def __init__(self, placement: Placement, params_in_use_order: list[torch.nn.Parameter]):
+        self.buckets: list[tuple[object, list[torch.nn.Parameter]]] = []
+        by_group: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+        for p in reversed(params_in_use_order):
+            ranks = placement.holders_of(p)
+            if p.requires_grad and len(ranks) > 1:
+                by_group.setdefault(ranks, []).append(p)
+        for ranks, params in sorted(by_group.items()):
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)  # buckets are sized by dtype; real grads replace these
+            for bucket in _buckets(params):
+                self.buckets.append((placement.groups[ranks], bucket))
+        self.bucket_of = {id(p): k for k, (_, bucket) in enumerate(self.buckets) for p in bucket}
+        self.active = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                         for _, bucket in self.buckets for p in bucket]
+
+    def begin(self, accumulations_per_param: int) -> None:
+        """Arm for one backward in which every parameter's gradient is accumulated this many times."""
+        self.expected = accumulations_per_param
+        self.counts: dict[int, int] = {}
+        self.missing = [len(bucket) for _, bucket in self.buckets]
+        self.next_bucket = 0
+        self.launched: list[tuple[int, torch.Tensor, object]] = []
+        self.active = True
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if not self.active:
+            return
+        count = self.counts[id(p)] = self.counts.get(id(p), 0) + 1
+        if count == self.expected:
+            self.missing[self.bucket_of[id(p)]] -= 1
+            while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0:
+                self._launch(self.next_bucket)
+                self.next_bucket += 1
+
+    def _launch(self, index: int) -> None:
+        group, bucket = self.buckets[index]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        flat = _flatten_dense_tensors(grads)
+        self.launched.append((index, flat, dist.all_reduce(flat, group=group, async_op=True)))
+
+    def finish(self) -> None:
+        """Launch what never became ready (parameters without gradient this step), wait, write back."""
+        while self.next_bucket < len(self.buckets):
+            self._launch(self.next_bucket)
+            self.next_bucket += 1
+        for index, flat, work in self.launched:
+            work.wait()
+            bucket = self.buckets[index][1]
+            for p in bucket:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in bucket]
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
+        self.launched = []
+        self.active = False
+
+    def cancel(self) -> None:
+        self.active = False
