@@ -348,6 +348,14 @@ class RaNNCModule(nn.Module):
 
     def _backward(self, grad_output: torch.Tensor) -> None:
         overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce and not FLAGS.keep_graph
+        # Gradients already summed by an earlier backward (accumulation without delay_grad_allreduce) are
+        # identical on every holder: set them aside so only this backward's part is summed, then add back.
+        reduced_before: dict = {}
+        if not FLAGS.delay_grad_allreduce:
+            for p in self._placement.local_parameters():
+                if p.grad is not None:
+                    reduced_before[p] = p.grad
+                    p.grad = None
         if self._runtime is not None:
             if overlap:
                 self._reducer.begin(self._deployment.microbatch_count)
@@ -364,6 +372,11 @@ class RaNNCModule(nn.Module):
             # holder sets of parameters this rank's stage does not read (none today) still need the sum
         elif not FLAGS.delay_grad_allreduce:
             grad_ops.allreduce_grads(self._placement)
+        for p, grad in reduced_before.items():
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
 
     def _require_ready(self, what: str) -> None:
         if self._placement is None:

@@ -92,3 +92,25 @@ def test_training_matches_single_process(world):
 def test_gradient_accumulation_matches_single_process(world):
     cases = [c for c in _cases(world, 4) if c[2] == "adam" or c[0] == "mlp"]
     _check(run_ranks(_matrix, world, cases, timeout=600))
+
+
+def _accumulate_without_delay(rank, world):
+    """Two backward calls before one step, with rannc's implicit all-reduce after each: the second must
+    not sum the first (already summed) gradient again."""
+    import rannc
+    torch.manual_seed(3)
+    model = models.make("bert")
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, partition_num=2 if world >= 2 else 1, profile_repeats=1)
+    for micro in range(2):
+        batch = models.global_batch("bert", BATCH, seed=micro)
+        (wrapped(*models.local_part(batch, rank, world)) / 2).backward()
+        (reference(*batch) / 2).backward()
+    norm = wrapped.clip_grad_norm(1e9).item()
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9).item()
+    return norm, ref_norm
+
+
+def test_accumulation_with_implicit_allreduce_counts_each_gradient_once():
+    for norm, ref_norm in run_ranks(_accumulate_without_delay, 4, timeout=300):
+        assert abs(norm - ref_norm) < RTOL * ref_norm, (norm, ref_norm)
