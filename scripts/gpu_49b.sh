@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The seed's 4.9B BERT on all GPUs of the machine: 50 pretraining steps with bert/pretrain.py (the plan,
+# Needs prepared shards (./scripts/main.sh prepares data/default; carry that folder to an offline GPU machine).
 # a falling loss, samples/s), then rannc vs DDP throughput on all GPUs and rannc on 2 GPUs (scaling).
 # Logs go under $OUT.
 set -uo pipefail
@@ -12,10 +13,10 @@ nvidia-smi -L | tee "$OUT/gpus.txt"
 RUN="python3 -m torch.distributed.run --standalone --nproc_per_node"
 echo "== pretrain 4.9B, 50 steps, $N GPUs"
 timeout 280 $RUN=$N -m bert.pretrain --config_file bert/configs/bert_4.9b.json --max_steps 50 \
-  --train_batch_size 16 --learning_rate 2e-3 --warmup_proportion 0.2 --bf16 --skip_checkpoint \
+  --input_dir "${INPUT_DIR:-data/default}" --train_batch_size 16 --learning_rate 2e-3 --warmup_proportion 0.2 --bf16 --skip_checkpoint \
   --disable_progress_bar --log_freq 5 --output_dir /tmp/run49 2>&1 | grep -v "profiling blocks" \
   | grep -v "^\[rank.\]:  " | tee "$OUT/pretrain_49b.log" | tail -25
 echo "== throughput 4.9B: rannc, DDP on $N GPUs"
-timeout 200 $RUN=$N benchmarks/bert_throughput.py --config_file bert/configs/bert_4.9b.json --batch_per_gpu 16 \
+timeout 420 $RUN=$N benchmarks/bert_throughput.py --config_file bert/configs/bert_4.9b.json --batch_per_gpu 16 \
   --steps 4 --warmup 1 --contenders rannc,ddp --out "$OUT/t49_n$N.json" 2>&1 | grep -v "profiling blocks" \
   | grep -v "^\[rank.\]:  " | tee "$OUT/t49_n$N.log" | tail -8
