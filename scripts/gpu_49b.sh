@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The seed's 4.9B BERT on all GPUs of the machine: 50 pretraining steps with bert/pretrain.py (the plan,
-# Needs prepared shards (./scripts/main.sh prepares data/default; carry that folder to an offline GPU machine).
-# a falling loss, samples/s), then rannc vs DDP throughput on all GPUs and rannc on 2 GPUs (scaling).
+# a falling loss, samples/s), then rannc vs DDP throughput on all GPUs.
 # Logs go under $OUT.
+# Needs prepared shards (./scripts/main.sh prepares data/default; carry that folder to an offline GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rannc_out}; mkdir -p "$OUT"
