@@ -48,7 +48,7 @@ class RannConfig:
     event_trace_file: str = dataclasses.field(
         default="rannc_event_trace.json", metadata={"help": "where trace_events writes its trace"})
     profile_by_acc: bool = dataclasses.field(
-        default=False, metadata={"help": "profile large micro-batches by accumulating smaller ones"})
+        default=False, metadata={"help": "profile only the smallest micro-batch sizes and extrapolate to larger ones"})
     partitioning_dry_run_np: int = dataclasses.field(
         default=0, metadata={"help": "plan for this many devices, print the plan and exit without training"})
     # Our own items.

@@ -3,6 +3,8 @@ then runs every call as a pipeline over all processes, returning the loss of the
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import math
 import sys
@@ -139,6 +141,16 @@ class RaNNCModule(nn.Module):
         if self.rank == 0:
             self._deployment.save(path)
 
+    def save_trace(self, path: str | None = None) -> str | None:
+        """Write this rank's schedule events (trace_events) as a Chrome trace: `<event_trace_file>.rank<r>`
+        unless `path` is given. Also runs at exit when trace_events is on."""
+        if self._runtime is None or self._runtime.trace is None:
+            return None
+        path = path or f"{self.config.event_trace_file}.rank{self.rank}"
+        with open(path, "w") as f:
+            json.dump({"traceEvents": self._runtime.trace}, f)
+        return path
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
 
@@ -211,7 +223,11 @@ class RaNNCModule(nn.Module):
             for m in microbatch_candidates(cfg, batch_size, r):
                 sizes.add(math.ceil(batch_size / (m * r)))
         sizes = sorted(sizes)
-        sample_sizes = sorted({sizes[0], sizes[-1]})
+        if cfg.profile_by_acc:
+            # never run the large micro-batches on the device: measure the two smallest and extend the line
+            sample_sizes = sizes[:2]
+        else:
+            sample_sizes = sorted({sizes[0], sizes[-1]})
         logger.info("Running profiler ...")
         profile = build_profile_set(captured, lin, blocks, global_args, sample_sizes, self.device, links,
                                     cfg.profile_repeats, cfg.profile_cache_dir, _autocast_dtype(self.device),
@@ -240,6 +256,9 @@ class RaNNCModule(nn.Module):
             next_rank = deployment.stages[my_stage + 1].ranks[replica] if my_stage + 1 < len(stages) else None
             self._runtime = StageRuntime(stages[my_stage], captured.batched_inputs, self.device, prev_rank,
                                          next_rank, plan_s.recompute)
+            if self.config.trace_events:
+                self._runtime.trace, self._runtime.trace_pid = [], self.rank
+                atexit.register(self.save_trace)
             self._replica = replica
         if self._optimizer_patch is not None:
             self._optimizer_patch.deploy(placement)

@@ -58,3 +58,19 @@ def test_saved_deployment_is_reused(tmp_path):
     for expected, loss, stages in run_ranks(_reuse, 2, str(tmp_path / "d.json"), timeout=120):
         assert stages == [[0], [1]]
         assert abs(expected - loss) < 1e-6
+
+
+def _traced(rank, world, path):
+    import rannc
+    torch.manual_seed(0)
+    wrapped = rannc.RaNNCModule(models.make("mlp"), partition_num=2, trace_events=True, event_trace_file=path,
+                                min_pipeline=2, max_pipeline=2)
+    wrapped(*models.local_part(models.global_batch("mlp", 8, 0), rank, world)).backward()
+    import json
+    with open(wrapped.save_trace()) as f:
+        return [e["name"] for e in json.load(f)["traceEvents"]]
+
+
+def test_trace_events_record_the_schedule(tmp_path):
+    names = run_ranks(_traced, 2, str(tmp_path / "trace.json"), timeout=120)
+    assert names == [["F0", "F1", "B1", "B0"]] * 2

@@ -8,6 +8,7 @@ them once per such combination as a small header, and both sides cache it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class StageRuntime:
     next_rank: int | None
     recompute: bool
     keep_graph: bool = False
+    trace: list | None = None      # Chrome trace events (host-side times) when trace_events is on
+    trace_pid: int = 0
     _recv_meta: dict = field(default_factory=dict)
     _sent_meta: set = field(default_factory=set)
     _saved: dict[int, _Saved] = field(default_factory=dict)
@@ -61,6 +64,7 @@ class StageRuntime:
         results = []
         grad = torch.is_grad_enabled()
         for action in actions:
+            started = time.perf_counter()
             chunk = chunks[action.microbatch]
             mb_key = (chunk.rows,) + key
             received = self._receive_values(mb_key, grad)
@@ -76,6 +80,7 @@ class StageRuntime:
                 self._send_values(mb_key, outputs)
             if grad:
                 self._saved[action.microbatch] = _Saved(received, outputs, chunk)
+            self._record(action, started)
         self.wait_sends()
         return results
 
@@ -117,6 +122,7 @@ class StageRuntime:
     def run_backward(self, actions: list[Action], upstream: torch.Tensor) -> None:
         """Run backward actions; `upstream` is d(returned loss), scaled per chunk by its weight."""
         for action in actions:
+            started = time.perf_counter()
             saved = self._saved.pop(action.microbatch, None)
             if saved is None:
                 raise RuntimeError("loss.backward() was called twice for one forward (or without a forward "
@@ -143,7 +149,13 @@ class StageRuntime:
                     self._isend(g.contiguous(), self.prev_rank)
                     if self.keep_graph:
                         r.grad = None
+            self._record(action, started)
         self.wait_sends()
+
+    def _record(self, action: Action, started: float) -> None:
+        if self.trace is not None:
+            self.trace.append({"name": str(action), "ph": "X", "pid": self.trace_pid, "tid": 0,
+                               "ts": started * 1e6, "dur": (time.perf_counter() - started) * 1e6})
 
     def clear(self) -> None:
         self._saved.clear()
