@@ -52,6 +52,9 @@ class RannConfig:
     partitioning_dry_run_np: int = dataclasses.field(
         default=0, metadata={"help": "plan for this many devices, print the plan and exit without training"})
     # Our own items.
+    recompute: str = dataclasses.field(
+        default="auto", metadata={"help": "activation recomputation per stage: auto (where memory needs it), "
+                                          "always, never"})
     max_blocks: int = dataclasses.field(
         default=128, metadata={"help": "at most this many blocks are planned over (coarsening target)"})
     profile_cache_dir: str = dataclasses.field(
@@ -129,6 +132,8 @@ def _check_range(name: str, value: Any, source: str) -> None:
     elif name in ("min_pipeline", "max_pipeline", "opt_param_factor", "max_blocks", "profile_repeats") and (
             value < (0 if name == "opt_param_factor" else 1)):
         bad = "is too small"
+    elif name == "recompute" and value not in ("auto", "always", "never"):
+        bad = "must be one of auto, always, never"
     if bad:
         raise ConfigError(f"rannc config item '{name}' (from {source}) {bad} (got {value!r})")
 

@@ -114,3 +114,37 @@ def _accumulate_without_delay(rank, world):
 def test_accumulation_with_implicit_allreduce_counts_each_gradient_once():
     for norm, ref_norm in run_ranks(_accumulate_without_delay, 4, timeout=300):
         assert abs(norm - ref_norm) < RTOL * ref_norm, (norm, ref_norm)
+
+
+def _recompute_pair(rank, world):
+    """The same training with recomputation forced on and off: dropout must draw the same masks when a stage
+    recomputes its forward, so losses and parameters agree exactly."""
+    import rannc
+    results = []
+    for mode in ("always", "never"):
+        torch.manual_seed(5)
+        model = models.make("bert")
+        for layer in model.blocks:
+            layer.dropout.p = layer.dropout1.p = layer.dropout2.p = 0.2
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        wrapped = rannc.RaNNCModule(model, optimizer, partition_num=2, recompute=mode, min_pipeline=2,
+                                    max_pipeline=2, profile_repeats=1)
+        torch.manual_seed(100 + rank)
+        losses = []
+        for step in range(3):
+            batch = models.global_batch("bert", BATCH, seed=step)
+            loss = wrapped(*models.local_part(batch, rank, world))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert all(s.recompute == (mode == "always") for s in wrapped.deployment.stages)
+        results.append((losses, wrapped.state_dict(sync_all_ranks=True)))
+    return results
+
+
+def test_recomputation_with_dropout_equals_keeping_activations():
+    for (losses_cp, state_cp), (losses, state) in run_ranks(_recompute_pair, 2, timeout=300):
+        assert losses_cp == losses
+        for key in state:
+            assert torch.equal(state_cp[key], state[key]), key

@@ -39,9 +39,10 @@ class _StageCost:
 class _RangeCosts:
     """O(1) sums over block ranges, with tensors used by several blocks counted once per range."""
 
-    def __init__(self, profile: ProfileSet, opt_param_factor: int):
+    def __init__(self, profile: ProfileSet, opt_param_factor: int, recompute: str = "auto"):
         self.profile = profile
         self.profile_opt_factor = opt_param_factor
+        self.recompute = recompute
         blocks = profile.blocks
         users: dict[str, list[int]] = {}
         for k, block in enumerate(blocks):
@@ -90,7 +91,7 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
     memory_cap = int((config.mem_limit_gb * 1e9 if config.mem_limit_gb else profile.device_memory_bytes)
                      * (1.0 - config.mem_margin))
     nblocks = len(profile.blocks)
-    costs = _RangeCosts(profile, config.opt_param_factor)
+    costs = _RangeCosts(profile, config.opt_param_factor, config.recompute)
     if config.partition_num:
         if config.partition_num > min(world_size, nblocks):
             raise PlanningError(f"partition_num={config.partition_num} exceeds the {world_size} processes or "
@@ -146,7 +147,7 @@ def _stage_cost(costs: _RangeCosts, profile: ProfileSet, i: int, j: int, replica
         allreduce_ms = (profile.allreduce_latency_ms
                         + 2.0 * (replicas - 1) / replicas * grad_bytes / profile.allreduce_bytes_per_ms)
     plain_memory = state_bytes + microbatches * act + 2 * (in_bytes + out_bytes)
-    if plain_memory <= memory_cap:
+    if costs.recompute == "never" or (costs.recompute == "auto" and plain_memory <= memory_cap):
         return _StageCost(fwd + bwd + send_ms, fwd, bwd, allreduce_ms, tensor_bytes, act, plain_memory, False)
     recompute_memory = state_bytes + microbatches * in_bytes + act + 2 * (in_bytes + out_bytes)
     return _StageCost(2 * fwd + bwd + send_ms, fwd, bwd + fwd, allreduce_ms, tensor_bytes, act,

@@ -1,0 +1,52 @@
+"""Capture: parameters stay the user's objects, tied weights are one node, the batch dimension is
+symbolic, and a model that cannot be captured gets an error naming the operation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from rannc.graph.blocks import linearize
+from rannc.graph.capture import CaptureError, capture
+from rannc.graph.stage import build_stage
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:       # Python control flow on a tensor's value: no single graph exists
+            return h.mean()
+        return -h.mean()
+
+
+def test_data_dependent_control_flow_is_a_clear_error():
+    with pytest.raises(CaptureError, match="could not capture DataDependent.forward") as info:
+        capture(DataDependent(), (torch.randn(2, 4),))
+    assert "data-dependent" in str(info.value)
+
+
+def test_parameters_are_the_users_and_tied_weights_are_one():
+    model = models.make("bert")
+    captured = capture(model, tuple(models.global_batch("bert", 4, 0)))
+    graph_params = {id(p) for p in captured.gm.parameters()}
+    assert graph_params == {id(p) for p in model.parameters()}
+    tied = [n for n in captured.gm.graph.nodes
+            if n.op == "get_attr" and captured.gm.get_parameter(n.target) is model.embed.weight]
+    assert len(tied) == 1 and len(tied[0].users) == 2   # read by the embedding and by the decoder
+
+
+def test_one_graph_serves_every_batch_size():
+    torch.manual_seed(0)
+    model = models.make("skip")
+    captured = capture(model, tuple(models.global_batch("skip", 8, 0)))
+    lin = linearize(captured)
+    whole = build_stage(captured, lin, 0, lin.size)
+    for rows in (1, 3, 8):
+        batch = models.global_batch("skip", rows, 1)
+        torch.testing.assert_close(whole.module(*batch)[0], model(*batch))
