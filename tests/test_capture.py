@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
 from rannc.graph.blocks import linearize
 from rannc.graph.capture import CaptureError, capture
 from rannc.graph.stage import build_stage
+
+import models
 
 
 class DataDependent(nn.Module):
