@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 from typing import Any
 
 import torch
@@ -37,10 +36,16 @@ def launch_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def _default_master_addr(env: dict[str, str]) -> str:
+    """Where rank 0 listens when the launcher did not say: only knowable on a single node."""
     nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if nodes and "," not in nodes and "[" not in nodes:
         return nodes
-    return "127.0.0.1" if "OMPI_COMM_WORLD_SIZE" not in env else socket.gethostname()
+    local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE")
+    world = env.get("OMPI_COMM_WORLD_SIZE") or env.get("SLURM_NTASKS")
+    if local_size and world and int(local_size) < int(world):
+        raise RuntimeError("rannc runs on several nodes but MASTER_ADDR is not set: export MASTER_ADDR (the host of "
+                           "rank 0) and MASTER_PORT to every process, e.g. mpirun -x MASTER_ADDR=host0")
+    return "127.0.0.1"
 
 
 def init(timeout_s: float = 1800.0) -> None:

@@ -74,3 +74,12 @@ def _traced(rank, world, path):
 def test_trace_events_record_the_schedule(tmp_path):
     names = run_ranks(_traced, 2, str(tmp_path / "trace.json"), timeout=120)
     assert names == [["F0", "F1", "B1", "B0"]] * 2
+
+
+def test_multi_node_mpirun_without_master_addr_is_a_clear_error():
+    import pytest
+
+    from rannc.dist import _default_master_addr
+    assert _default_master_addr({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == "127.0.0.1"
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        _default_master_addr({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
