@@ -10,7 +10,9 @@ from rannc.dist import barrier, get_rank, get_world_size  # noqa: E402
 from rannc.graph.capture import CaptureError  # noqa: E402
 from rannc.module import FLAGS, RaNNCModule  # noqa: E402
 from rannc.plan.deployment import Deployment, DeploymentError, show_deployment  # noqa: E402
+from rannc.plan.dry_run import plan_dry_run  # noqa: E402
 from rannc.plan.planner import PlanningError  # noqa: E402
+from rannc.profile.estimate import DEVICES, DeviceSpec  # noqa: E402
 
 
 def delay_grad_allreduce(delay: bool) -> None:
@@ -38,6 +40,6 @@ def clear() -> None:
 
 __all__ = [
     "RaNNCModule", "RannConfig", "load_config", "ConfigError", "CaptureError", "Deployment", "DeploymentError",
-    "PlanningError", "show_deployment", "delay_grad_allreduce", "keep_graph", "sync_params_on_init",
+    "PlanningError", "show_deployment", "plan_dry_run", "DeviceSpec", "DEVICES", "delay_grad_allreduce", "keep_graph", "sync_params_on_init",
     "get_rank", "get_world_size", "barrier", "clear",
 ]
