@@ -40,6 +40,7 @@ def clear() -> None:
 
 __all__ = [
     "RaNNCModule", "RannConfig", "load_config", "ConfigError", "CaptureError", "Deployment", "DeploymentError",
-    "PlanningError", "show_deployment", "plan_dry_run", "DeviceSpec", "DEVICES", "delay_grad_allreduce", "keep_graph", "sync_params_on_init",
+    "PlanningError", "show_deployment", "plan_dry_run", "DeviceSpec", "DEVICES",
+    "delay_grad_allreduce", "keep_graph", "sync_params_on_init",
     "get_rank", "get_world_size", "barrier", "clear",
 ]
