@@ -52,6 +52,9 @@ class RannConfig:
     partitioning_dry_run_np: int = dataclasses.field(
         default=0, metadata={"help": "plan for this many devices, print the plan and exit without training"})
     # Our own items.
+    schedule: str = dataclasses.field(
+        default="gpipe", metadata={"help": "pipeline schedule: gpipe (forwards in the call, backwards in "
+                                           "loss.backward()) or 1f1b (interleaved, fewer micro-batches in flight)"})
     recompute: str = dataclasses.field(
         default="auto", metadata={"help": "activation recomputation per stage: auto (where memory needs it), "
                                           "always, never"})
@@ -132,6 +135,8 @@ def _check_range(name: str, value: Any, source: str) -> None:
     elif name in ("min_pipeline", "max_pipeline", "opt_param_factor", "max_blocks", "profile_repeats") and (
             value < (0 if name == "opt_param_factor" else 1)):
         bad = "is too small"
+    elif name == "schedule" and value not in ("gpipe", "1f1b"):
+        bad = "must be one of gpipe, 1f1b"
     elif name == "recompute" and value not in ("auto", "always", "never"):
         bad = "must be one of auto, always, never"
     if bad:

@@ -30,7 +30,7 @@ from rannc.runtime.chunks import Chunk, split_batch
 from rannc.runtime.optimizer import OptimizerPatch
 from rannc.runtime.pipeline import StageRuntime
 from rannc.runtime.placement import Placement
-from rannc.runtime.schedule import gpipe_backward, gpipe_forward
+from rannc.runtime.schedule import gpipe_backward, gpipe_forward, one_f_one_b
 from rannc.runtime.state import gather_state_dict, load_into_local
 
 logger = logging.getLogger("rannc.RaNNCModule")
@@ -348,8 +348,11 @@ class RaNNCModule(nn.Module):
             self._runtime.keep_graph = FLAGS.keep_graph
             self._runtime.clear()
             with dropout_active(self.training and self._dropout_enabled):
-                results = self._runtime.run_forward(gpipe_forward(deployment.microbatch_count), my_chunks,
-                                                    batch_args, key)
+                if grad and deployment.schedule == "1f1b":
+                    results = self._run_interleaved(my_chunks, batch_args, key)
+                else:
+                    results = self._runtime.run_forward(gpipe_forward(deployment.microbatch_count), my_chunks,
+                                                        batch_args, key)
             for chunk, outputs in results:
                 if len(outputs) != 1 or not isinstance(outputs[0], torch.Tensor) or outputs[0].dim() != 0:
                     raise TypeError("RaNNCModule runs models whose forward returns one scalar loss; this model "
@@ -365,16 +368,62 @@ class RaNNCModule(nn.Module):
             return partial
         return _PipelineLoss.apply(self._anchor, partial, self)
 
+    def _run_interleaved(self, chunks, batch_args, key):
+        """1F1B: backwards run inside the call with d(loss) = 1; the gradients of this call are kept apart
+        from earlier ones so that loss.backward(g) can scale them by g (gradients are linear in g)."""
+        if FLAGS.keep_graph:
+            raise ValueError("keep_graph(True) needs schedule='gpipe': 1F1B frees each micro-batch's graph as it goes")
+        deployment = self._deployment
+        self._interleaved_before = self._set_aside_grads()
+        overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce
+        if overlap:
+            self._reducer.begin(deployment.microbatch_count)
+        stage = deployment.stage_of_rank(self.rank)
+        actions = one_f_one_b(stage, len(deployment.stages), deployment.microbatch_count)
+        try:
+            results = self._runtime.run_actions(actions, chunks, batch_args, key,
+                                                torch.ones((), dtype=torch.float32, device=self.device))
+        except BaseException:
+            if overlap:
+                self._reducer.cancel()
+            raise
+        if overlap:
+            self._reducer.finish()
+        elif not FLAGS.delay_grad_allreduce:
+            grad_ops.allreduce_grads(self._placement)
+        return results
+
+    def _set_aside_grads(self) -> dict:
+        before = {}
+        for p in self._placement.local_parameters():
+            if p.grad is not None:
+                before[p] = p.grad
+                p.grad = None
+        return before
+
+    @staticmethod
+    def _add_back(before: dict) -> None:
+        for p, grad in before.items():
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+
     def _backward(self, grad_output: torch.Tensor) -> None:
+        before = getattr(self, "_interleaved_before", None)
+        if before is not None:
+            # the pipeline already ran its backwards (1F1B); apply d(loss) and restore earlier gradients
+            self._interleaved_before = None
+            if grad_output.item() != 1.0:
+                grads = [p.grad for p in self._placement.local_parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, grad_output.to(grads[0].device, grads[0].dtype))
+            self._add_back(before)
+            return
         overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce and not FLAGS.keep_graph
         # Gradients already summed by an earlier backward (accumulation without delay_grad_allreduce) are
         # identical on every holder: set them aside so only this backward's part is summed, then add back.
-        reduced_before: dict = {}
-        if not FLAGS.delay_grad_allreduce:
-            for p in self._placement.local_parameters():
-                if p.grad is not None:
-                    reduced_before[p] = p.grad
-                    p.grad = None
+        reduced_before = self._set_aside_grads() if not FLAGS.delay_grad_allreduce else {}
         if self._runtime is not None:
             if overlap:
                 self._reducer.begin(self._deployment.microbatch_count)
@@ -391,11 +440,7 @@ class RaNNCModule(nn.Module):
             # holder sets of parameters this rank's stage does not read (none today) still need the sum
         elif not FLAGS.delay_grad_allreduce:
             grad_ops.allreduce_grads(self._placement)
-        for p, grad in reduced_before.items():
-            if p.grad is None:
-                p.grad = grad
-            else:
-                p.grad.add_(grad)
+        self._add_back(reduced_before)
 
     def _require_ready(self, what: str) -> None:
         if self._placement is None:

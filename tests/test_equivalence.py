@@ -26,7 +26,7 @@ def _optimizer(kind: str, params):
     return torch.optim.Adam(params, lr=0.01, eps=1e-3)
 
 
-def _train_pair(rank, world, name, stages, opt_kind, accumulation):
+def _train_pair(rank, world, name, stages, opt_kind, accumulation, **items):
     """Train a RaNNCModule and (on rank 0) the plain model side by side; return the largest differences."""
     import rannc
 
@@ -35,7 +35,7 @@ def _train_pair(rank, world, name, stages, opt_kind, accumulation):
     reference = copy.deepcopy(model)
     optimizer = _optimizer(opt_kind, model.parameters())
     ref_optimizer = _optimizer(opt_kind, reference.parameters())
-    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=stages, profile_repeats=1)
+    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=stages, profile_repeats=1, **items)
     rannc.delay_grad_allreduce(accumulation > 1)
     loss_err, losses = 0.0, []
     for _step in range(STEPS):
@@ -66,8 +66,8 @@ def _train_pair(rank, world, name, stages, opt_kind, accumulation):
     return loss_err, param_err, losses[0] > losses[-accumulation]
 
 
-def _matrix(rank, world, cases):
-    return [(case, _train_pair(rank, world, *case)) for case in cases]
+def _matrix(rank, world, cases, items=None):
+    return [(case, _train_pair(rank, world, *case, **(items or {}))) for case in cases]
 
 
 def _cases(world: int, accumulation: int):
@@ -94,14 +94,14 @@ def test_gradient_accumulation_matches_single_process(world):
     _check(run_ranks(_matrix, world, cases, timeout=600))
 
 
-def _accumulate_without_delay(rank, world):
+def _accumulate_without_delay(rank, world, items):
     """Two backward calls before one step, with rannc's implicit all-reduce after each: the second must
     not sum the first (already summed) gradient again."""
     import rannc
     torch.manual_seed(3)
     model = models.make("bert")
     reference = copy.deepcopy(model)
-    wrapped = rannc.RaNNCModule(model, partition_num=2 if world >= 2 else 1, profile_repeats=1)
+    wrapped = rannc.RaNNCModule(model, partition_num=2 if world >= 2 else 1, profile_repeats=1, **items)
     for micro in range(2):
         batch = models.global_batch("bert", BATCH, seed=micro)
         (wrapped(*models.local_part(batch, rank, world)) / 2).backward()
@@ -111,8 +111,10 @@ def _accumulate_without_delay(rank, world):
     return norm, ref_norm
 
 
-def test_accumulation_with_implicit_allreduce_counts_each_gradient_once():
-    for norm, ref_norm in run_ranks(_accumulate_without_delay, 4, timeout=300):
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_accumulation_with_implicit_allreduce_counts_each_gradient_once(schedule):
+    items = {"schedule": schedule, "min_pipeline": 2, "max_pipeline": 2}
+    for norm, ref_norm in run_ranks(_accumulate_without_delay, 4, items, timeout=300):
         assert abs(norm - ref_norm) < RTOL * ref_norm, (norm, ref_norm)
 
 
@@ -148,3 +150,12 @@ def test_recomputation_with_dropout_equals_keeping_activations():
         assert losses_cp == losses
         for key in state:
             assert torch.equal(state_cp[key], state[key]), key
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_f_one_b_matches_single_process(world):
+    """1F1B runs the backwards inside the call; loss.backward(g) then scales by g. With 4 micro-batches,
+    with and without accumulation."""
+    cases = [(name, world, "adam", accumulation) for name in ("bert", "skip") for accumulation in (1, 2)]
+    items = {"schedule": "1f1b", "min_pipeline": 4, "max_pipeline": 4}
+    _check(run_ranks(_matrix, world, cases, items, timeout=600))

@@ -60,11 +60,11 @@ def test_saved_deployment_is_reused(tmp_path):
         assert abs(expected - loss) < 1e-6
 
 
-def _traced(rank, world, path):
+def _traced(rank, world, path, schedule):
     import rannc
     torch.manual_seed(0)
     wrapped = rannc.RaNNCModule(models.make("mlp"), partition_num=2, trace_events=True, event_trace_file=path,
-                                min_pipeline=2, max_pipeline=2)
+                                min_pipeline=2, max_pipeline=2, schedule=schedule)
     wrapped(*models.local_part(models.global_batch("mlp", 8, 0), rank, world)).backward()
     import json
     with open(wrapped.save_trace()) as f:
@@ -72,8 +72,10 @@ def _traced(rank, world, path):
 
 
 def test_trace_events_record_the_schedule(tmp_path):
-    names = run_ranks(_traced, 2, str(tmp_path / "trace.json"), timeout=120)
+    names = run_ranks(_traced, 2, str(tmp_path / "trace.json"), "gpipe", timeout=120)
     assert names == [["F0", "F1", "B1", "B0"]] * 2
+    names = run_ranks(_traced, 2, str(tmp_path / "trace.json"), "1f1b", timeout=120)
+    assert names == [["F0", "F1", "B0", "B1"], ["F0", "B0", "F1", "B1"]]
 
 
 def test_multi_node_mpirun_without_master_addr_is_a_clear_error():

@@ -13,7 +13,7 @@ from rannc.plan.deployment import Deployment, DeploymentError, show_deployment
 from rannc.plan.planner import PlanningError, plan
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
 from rannc.runtime.chunks import split_batch
-from rannc.runtime.schedule import gpipe_backward, gpipe_forward
+from rannc.runtime.schedule import gpipe_backward, gpipe_forward, in_flight, one_f_one_b
 
 GB = 10**9
 
@@ -69,6 +69,24 @@ def test_nothing_fits_is_a_clear_error():
 def test_gpipe_schedule_lists():
     assert [str(a) for a in gpipe_forward(3)] == ["F0", "F1", "F2"]
     assert [str(a) for a in gpipe_backward(3)] == ["B2", "B1", "B0"]
+
+
+def test_one_f_one_b_schedule_lists():
+    assert [str(a) for a in one_f_one_b(0, 2, 4)] == ["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3"]
+    assert [str(a) for a in one_f_one_b(1, 2, 4)] == ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]
+    assert [str(a) for a in one_f_one_b(0, 3, 2)] == ["F0", "F1", "B0", "B1"]
+    assert in_flight("1f1b", 0, 4, 8) == 4 and in_flight("1f1b", 3, 4, 8) == 1 and in_flight("gpipe", 3, 4, 8) == 8
+
+
+def test_one_f_one_b_plans_with_less_activation_memory():
+    profile = _profile(blocks=8, param_bytes=10**8, memory=80 * GB)
+    for b in profile.blocks:
+        b.activation_bytes = Linear(0, 1e8)
+    config = dict(partition_num=4, min_pipeline=8, max_pipeline=8, recompute="never")
+    gpipe = plan(profile, _bounds(8), 4, 64, RannConfig(**config), "f")
+    ofob = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="1f1b", **config), "f")
+    assert ofob.schedule == "1f1b" and gpipe.schedule == "gpipe"
+    assert ofob.stages[-1].memory_bytes < gpipe.stages[-1].memory_bytes
 
 
 def test_chunks_cover_the_batch_with_weights_summing_to_one():

@@ -16,6 +16,7 @@ from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks
 from rannc.plan.deployment import Deployment, StagePlan
 from rannc.profile.profiles import ProfileSet
+from rannc.runtime.schedule import in_flight
 
 PARAM_COPIES = 2  # the parameter itself and its gradient
 
@@ -39,10 +40,12 @@ class _StageCost:
 class _RangeCosts:
     """O(1) sums over block ranges, with tensors used by several blocks counted once per range."""
 
-    def __init__(self, profile: ProfileSet, opt_param_factor: int, recompute: str = "auto"):
+    def __init__(self, profile: ProfileSet, opt_param_factor: int, recompute: str = "auto",
+                 schedule: str = "gpipe"):
         self.profile = profile
         self.profile_opt_factor = opt_param_factor
         self.recompute = recompute
+        self.schedule = schedule
         blocks = profile.blocks
         users: dict[str, list[int]] = {}
         for k, block in enumerate(blocks):
@@ -91,7 +94,7 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
     memory_cap = int((config.mem_limit_gb * 1e9 if config.mem_limit_gb else profile.device_memory_bytes)
                      * (1.0 - config.mem_margin))
     nblocks = len(profile.blocks)
-    costs = _RangeCosts(profile, config.opt_param_factor, config.recompute)
+    costs = _RangeCosts(profile, config.opt_param_factor, config.recompute, config.schedule)
     if config.partition_num:
         if config.partition_num > min(world_size, nblocks):
             raise PlanningError(f"partition_num={config.partition_num} exceeds the {world_size} processes or "
@@ -122,7 +125,8 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
                 best = (step_ms, Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
                                             microbatch_count=microbatches, stages=stages,
                                             block_bounds=list(blocks.bounds), predicted_step_ms=step_ms,
-                                            memory_limit_bytes=memory_cap))
+                                            memory_limit_bytes=memory_cap,
+                                            schedule=config.schedule if stage_count > 1 else "gpipe"))
     if best is None:
         raise PlanningError(
             f"no partition of the model fits {memory_cap / 2**30:.2f} GiB per device (device memory minus "
@@ -132,7 +136,8 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
 
 
 def _stage_cost(costs: _RangeCosts, profile: ProfileSet, i: int, j: int, replicas: int, microbatches: int,
-                samples: int, memory_cap: int, is_last: bool) -> _StageCost:
+                samples: int, memory_cap: int, is_last: bool, held: int) -> _StageCost:
+    """Cost of blocks [i, j) as one stage that holds `held` micro-batches' activations at once."""
     blocks = profile.blocks[i:j]
     fwd = sum(b.fwd_ms(samples) for b in blocks)
     bwd = sum(b.bwd_ms(samples) for b in blocks)
@@ -146,10 +151,10 @@ def _stage_cost(costs: _RangeCosts, profile: ProfileSet, i: int, j: int, replica
     if replicas > 1 and grad_bytes:
         allreduce_ms = (profile.allreduce_latency_ms
                         + 2.0 * (replicas - 1) / replicas * grad_bytes / profile.allreduce_bytes_per_ms)
-    plain_memory = state_bytes + microbatches * act + 2 * (in_bytes + out_bytes)
+    plain_memory = state_bytes + held * act + 2 * (in_bytes + out_bytes)
     if costs.recompute == "never" or (costs.recompute == "auto" and plain_memory <= memory_cap):
         return _StageCost(fwd + bwd + send_ms, fwd, bwd, allreduce_ms, tensor_bytes, act, plain_memory, False)
-    recompute_memory = state_bytes + microbatches * in_bytes + act + 2 * (in_bytes + out_bytes)
+    recompute_memory = state_bytes + held * in_bytes + act + 2 * (in_bytes + out_bytes)
     return _StageCost(2 * fwd + bwd + send_ms, fwd, bwd + fwd, allreduce_ms, tensor_bytes, act,
                       recompute_memory, True)
 
@@ -166,10 +171,11 @@ def _split(costs: _RangeCosts, profile: ProfileSet, stage_count: int, replicas: 
     cache: dict[tuple[int, int], _StageCost] = {}
     smallest_need = inf
 
-    def cost(i: int, j: int) -> _StageCost:
-        key = (i, j)
+    def cost(i: int, j: int, stage: int) -> _StageCost:
+        held = in_flight(costs.schedule, stage, stage_count, microbatches)
+        key = (i, j, held)
         if key not in cache:
-            cache[key] = _stage_cost(costs, profile, i, j, replicas, microbatches, samples, memory_cap, j == n)
+            cache[key] = _stage_cost(costs, profile, i, j, replicas, microbatches, samples, memory_cap, j == n, held)
         return cache[key]
 
     for s in range(1, stage_count + 1):
@@ -183,7 +189,7 @@ def _split(costs: _RangeCosts, profile: ProfileSet, stage_count: int, replicas: 
                 prev = best[s - 1][i][0]
                 if prev >= best_here[0]:
                     continue
-                c = cost(i, j)
+                c = cost(i, j, s - 1)
                 if c.memory_bytes > memory_cap:
                     smallest_need = min(smallest_need, c.memory_bytes)
                     continue
@@ -200,5 +206,5 @@ def _split(costs: _RangeCosts, profile: ProfileSet, stage_count: int, replicas: 
         ranges.append((i, j))
         j = i
     ranges.reverse()
-    stage_costs = [cost(i, j) for i, j in ranges]
+    stage_costs = [cost(i, j, s) for s, (i, j) in enumerate(ranges)]
     return best[stage_count][n][0], ranges, stage_costs

@@ -61,28 +61,45 @@ class StageRuntime:
     def run_forward(self, actions: list[Action], chunks: list[Chunk], inputs: list[torch.Tensor],
                     key: tuple) -> list[tuple[Chunk, tuple]]:
         """Run forward actions; returns (chunk, outputs) of the last stage's micro-batches."""
-        results = []
-        grad = torch.is_grad_enabled()
+        results: list[tuple[Chunk, tuple]] = []
         for action in actions:
-            started = time.perf_counter()
-            chunk = chunks[action.microbatch]
-            mb_key = (chunk.rows,) + key
-            received = self._receive_values(mb_key, grad)
-            args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
-                               for i in self.stage.inputs]
-            if self.recompute and grad:
-                outputs = checkpoint(self.stage.module, *args, use_reentrant=False)
-            else:
-                outputs = self.stage.module(*args)
-            if self.stage.is_last:
-                results.append((chunk, outputs))
-            else:
-                self._send_values(mb_key, outputs)
-            if grad:
-                self._saved[action.microbatch] = _Saved(received, outputs, chunk)
-            self._record(action, started)
+            self._forward_one(action, chunks, inputs, key, results)
         self.wait_sends()
         return results
+
+    def run_actions(self, actions: list[Action], chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
+                    upstream: torch.Tensor) -> list[tuple[Chunk, tuple]]:
+        """Run an interleaved schedule (1F1B): forwards and backwards in the given order, the backwards with
+        `upstream` as d(loss). Sends are asynchronous, so neighbours never wait on each other's sends."""
+        results: list[tuple[Chunk, tuple]] = []
+        for action in actions:
+            if action.kind == "F":
+                self._forward_one(action, chunks, inputs, key, results)
+            else:
+                self._backward_one(action, upstream)
+        self.wait_sends()
+        return results
+
+    def _forward_one(self, action: Action, chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
+                     results: list) -> None:
+        started = time.perf_counter()
+        grad = torch.is_grad_enabled()
+        chunk = chunks[action.microbatch]
+        mb_key = (chunk.rows,) + key
+        received = self._receive_values(mb_key, grad)
+        args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
+                           for i in self.stage.inputs]
+        if self.recompute and grad:
+            outputs = checkpoint(self.stage.module, *args, use_reentrant=False)
+        else:
+            outputs = self.stage.module(*args)
+        if self.stage.is_last:
+            results.append((chunk, outputs))
+        else:
+            self._send_values(mb_key, outputs)
+        if grad:
+            self._saved[action.microbatch] = _Saved(received, outputs, chunk)
+        self._record(action, started)
 
     def _receive_values(self, mb_key: tuple, grad: bool) -> list[torch.Tensor]:
         if not self.stage.received:
@@ -105,7 +122,7 @@ class StageRuntime:
     def _send_values(self, mb_key: tuple, outputs: tuple) -> None:
         if mb_key not in self._sent_meta:
             header = torch.tensor([_encode(o) for o in outputs], dtype=torch.int64, device=self.device)
-            dist.send(header, self.next_rank)
+            self._isend(header, self.next_rank)
             self._sent_meta.add(mb_key)
         for o in outputs:
             self._isend(o.detach().contiguous(), self.next_rank)
@@ -122,35 +139,38 @@ class StageRuntime:
     def run_backward(self, actions: list[Action], upstream: torch.Tensor) -> None:
         """Run backward actions; `upstream` is d(returned loss), scaled per chunk by its weight."""
         for action in actions:
-            started = time.perf_counter()
-            saved = self._saved.pop(action.microbatch, None)
-            if saved is None:
-                raise RuntimeError("loss.backward() was called twice for one forward (or without a forward "
-                                   "in grad mode); use rannc.keep_graph(True) to keep the graph")
-            if self.stage.is_last:
-                loss = saved.outputs[0]
-                tensors = [loss] if loss.requires_grad else []
-                grads = [(upstream * saved.chunk.weight).to(loss.dtype).reshape(loss.shape)]
-            else:
-                tensors, grads = [], []
-                for o in saved.outputs:
-                    if o.requires_grad:
-                        g = torch.empty_like(o, memory_format=torch.contiguous_format)
-                        dist.recv(g, self.next_rank)
-                        tensors.append(o)
-                        grads.append(g)
-            if tensors:
-                torch.autograd.backward(tensors, grads[:len(tensors)], retain_graph=self.keep_graph)
-            if self.keep_graph:
-                self._saved[action.microbatch] = saved
-            for r in saved.received:
-                if r.requires_grad:
-                    g = r.grad if r.grad is not None else torch.zeros_like(r)
-                    self._isend(g.contiguous(), self.prev_rank)
-                    if self.keep_graph:
-                        r.grad = None
-            self._record(action, started)
+            self._backward_one(action, upstream)
         self.wait_sends()
+
+    def _backward_one(self, action: Action, upstream: torch.Tensor) -> None:
+        started = time.perf_counter()
+        saved = self._saved.pop(action.microbatch, None)
+        if saved is None:
+            raise RuntimeError("loss.backward() was called twice for one forward (or without a forward "
+                               "in grad mode); use rannc.keep_graph(True) to keep the graph")
+        if self.stage.is_last:
+            loss = saved.outputs[0]
+            tensors = [loss] if loss.requires_grad else []
+            grads = [(upstream * saved.chunk.weight).to(loss.dtype).reshape(loss.shape)]
+        else:
+            tensors, grads = [], []
+            for o in saved.outputs:
+                if o.requires_grad:
+                    g = torch.empty_like(o, memory_format=torch.contiguous_format)
+                    dist.recv(g, self.next_rank)
+                    tensors.append(o)
+                    grads.append(g)
+        if tensors:
+            torch.autograd.backward(tensors, grads[:len(tensors)], retain_graph=self.keep_graph)
+        if self.keep_graph:
+            self._saved[action.microbatch] = saved
+        for r in saved.received:
+            if r.requires_grad:
+                g = r.grad if r.grad is not None else torch.zeros_like(r)
+                self._isend(g.contiguous(), self.prev_rank)
+                if self.keep_graph:
+                    r.grad = None
+        self._record(action, started)
 
     def _record(self, action: Action, started: float) -> None:
         if self.trace is not None:
