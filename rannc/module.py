@@ -375,14 +375,20 @@ class RaNNCModule(nn.Module):
             raise ValueError("keep_graph(True) needs schedule='gpipe': 1F1B frees each micro-batch's graph as it goes")
         deployment = self._deployment
         self._interleaved_before = self._set_aside_grads()
-        overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce
-        if overlap:
-            self._reducer.begin(deployment.microbatch_count)
         stage = deployment.stage_of_rank(self.rank)
         actions = one_f_one_b(stage, len(deployment.stages), deployment.microbatch_count)
+        ones = torch.ones((), dtype=torch.float32, device=self.device)
+        return self._reducing_gradients(
+            lambda: self._runtime.run_actions(actions, chunks, batch_args, key, ones))
+
+    def _reducing_gradients(self, run_backwards):
+        """Run the backward actions with the gradient all-reduce overlapping them (or after them, or not
+        at all under delay_grad_allreduce)."""
+        overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce and not FLAGS.keep_graph
+        if overlap:
+            self._reducer.begin(self._deployment.microbatch_count)
         try:
-            results = self._runtime.run_actions(actions, chunks, batch_args, key,
-                                                torch.ones((), dtype=torch.float32, device=self.device))
+            result = run_backwards()
         except BaseException:
             if overlap:
                 self._reducer.cancel()
@@ -391,7 +397,7 @@ class RaNNCModule(nn.Module):
             self._reducer.finish()
         elif not FLAGS.delay_grad_allreduce:
             grad_ops.allreduce_grads(self._placement)
-        return results
+        return result
 
     def _set_aside_grads(self) -> dict:
         before = {}
@@ -420,26 +426,17 @@ class RaNNCModule(nn.Module):
                     torch._foreach_mul_(grads, grad_output.to(grads[0].device, grads[0].dtype))
             self._add_back(before)
             return
-        overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce and not FLAGS.keep_graph
         # Gradients already summed by an earlier backward (accumulation without delay_grad_allreduce) are
         # identical on every holder: set them aside so only this backward's part is summed, then add back.
         reduced_before = self._set_aside_grads() if not FLAGS.delay_grad_allreduce else {}
-        if self._runtime is not None:
-            if overlap:
-                self._reducer.begin(self._deployment.microbatch_count)
-            try:
+
+        def run_backwards():
+            if self._runtime is not None:
                 with dropout_active(self.training and self._dropout_enabled):
                     self._runtime.run_backward(gpipe_backward(self._deployment.microbatch_count),
                                                grad_output.to(self.device))
-            except BaseException:
-                if overlap:
-                    self._reducer.cancel()
-                raise
-        if overlap:
-            self._reducer.finish()
-            # holder sets of parameters this rank's stage does not read (none today) still need the sum
-        elif not FLAGS.delay_grad_allreduce:
-            grad_ops.allreduce_grads(self._placement)
+
+        self._reducing_gradients(run_backwards)
         self._add_back(reduced_before)
 
     def _require_ready(self, what: str) -> None:
