@@ -59,6 +59,8 @@ def init(timeout_s: float = 1800.0) -> None:
     os.environ.setdefault("LOCAL_RANK", str(local))
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
+    # rannc's stage-to-stage transfers are point-to-point by design; NCCL's serialization notice is noise
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     if use_cuda:
         torch.cuda.set_device(local % torch.cuda.device_count())
     kwargs: dict[str, Any] = {}
