@@ -231,12 +231,8 @@ def rannc_trainer(ctx: Context, size: ModelSize, batch: Batch, **items: Any) -> 
     return Trainer(step, "rannc", facts)
 
 
-def ddp_trainer(ctx: Context, size: ModelSize, batch: Batch) -> Trainer:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    model = DDP(ctx.build(size), device_ids=[ctx.device.index] if ctx.cuda else None,
-                process_group=ctx.world_group)
-    optimizer = ctx.adam(model.parameters())
+def _plain_step(ctx: Context, model, optimizer, batch: Batch):
+    """One training step of a model that every rank runs on its local batch (DDP, FSDP2)."""
     ids, labels = batch.local_ids, batch.local_labels
 
     def step() -> None:
@@ -246,6 +242,16 @@ def ddp_trainer(ctx: Context, size: ModelSize, batch: Batch) -> Trainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def ddp_trainer(ctx: Context, size: ModelSize, batch: Batch) -> Trainer:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(ctx.build(size), device_ids=[ctx.device.index] if ctx.cuda else None,
+                process_group=ctx.world_group)
+    optimizer = ctx.adam(model.parameters())
+    step = _plain_step(ctx, model, optimizer, batch)
     return Trainer(step, f"{ctx.world} replicas")
 
 
@@ -265,15 +271,7 @@ def fsdp2_trainer(ctx: Context, size: ModelSize, batch: Batch) -> Trainer:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer = ctx.adam(model.parameters())
-    ids, labels = batch.local_ids, batch.local_labels
-
-    def step() -> None:
-        with ctx.autocast():
-            loss = model(ids, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _plain_step(ctx, model, optimizer, batch)
     return Trainer(step, f"{ctx.world} shards, fp32 params")
 
 

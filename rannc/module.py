@@ -83,6 +83,8 @@ class RaNNCModule(nn.Module):
         self._runtime: StageRuntime | None = None
         self._placement: Placement | None = None
         self._captured = None
+        self._reducer = None
+        self._interleaved_before: dict | None = None  # 1F1B: gradients set aside until loss.backward(g)
         self._anchor = torch.zeros((), requires_grad=True)
         self.rank = rdist.get_rank()
         self.world_size = rdist.get_world_size()
@@ -416,7 +418,7 @@ class RaNNCModule(nn.Module):
                 p.grad.add_(grad)
 
     def _backward(self, grad_output: torch.Tensor) -> None:
-        before = getattr(self, "_interleaved_before", None)
+        before = self._interleaved_before
         if before is not None:
             # the pipeline already ran its backwards (1F1B); apply d(loss) and restore earlier gradients
             self._interleaved_before = None

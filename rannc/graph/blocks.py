@@ -142,7 +142,7 @@ def make_blocks(lin: Linearized, max_blocks: int) -> Blocks:
         acc += cost
         remaining_units = len(unit_cost) - i - 1
         remaining_blocks = max_blocks - len(bounds)
-        if remaining_units and (acc >= target or remaining_units <= remaining_blocks - 0) and \
+        if remaining_units and (acc >= target or remaining_units <= remaining_blocks) and \
                 len(bounds) < max_blocks:
             bounds.append(cuts[i + 1])
             acc = 0.0

@@ -18,8 +18,6 @@ from rannc.plan.deployment import Deployment, StagePlan
 from rannc.profile.profiles import ProfileSet
 from rannc.runtime.schedule import in_flight
 
-PARAM_COPIES = 2  # the parameter itself and its gradient
-
 
 class PlanningError(RuntimeError):
     """No partition fits the devices' memory."""

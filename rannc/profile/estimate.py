@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from rannc.graph.blocks import Blocks, Linearized, _hint, _numel, node_flops
-from rannc.graph.capture import CapturedGraph, is_tensor_value
+from rannc.graph.capture import CapturedGraph, _attr, is_tensor_value
 from rannc.profile.profiler import tensor_table
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
 
@@ -61,7 +61,7 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
         for node in nodes:
             for arg in node.all_input_nodes:
                 if arg.op == "get_attr":
-                    names.append(captured.tensor_names.get(id(_attr(captured, arg.target)), arg.target))
+                    names.append(captured.tensor_names.get(id(_attr(captured.gm, arg.target)), arg.target))
         profiles.append(BlockProfile(fwd_ms=Linear(overhead, fwd_per_sample),
                                      bwd_ms=Linear(2 * overhead, 2 * fwd_per_sample),
                                      activation_bytes=Linear(0.0, act), out_bytes=Linear(0.0, out),
@@ -71,13 +71,6 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
                       device_memory_bytes=spec.memory_bytes, p2p_bytes_per_ms=spec.link_bytes_per_ms,
                       p2p_latency_ms=0.02, allreduce_bytes_per_ms=spec.link_bytes_per_ms,
                       allreduce_latency_ms=0.05, measured=False)
-
-
-def _attr(captured: CapturedGraph, target: str):
-    obj = captured.gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _example_batch(captured: CapturedGraph) -> int:
