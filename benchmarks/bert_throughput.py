@@ -4,8 +4,9 @@
         --batch_per_gpu 64 --steps 20
 
 The model is bert/modeling.py's BertForPreTrainingWithCriterion (loss inside), seq 128 with 20 masked
-positions per sequence (phase 1), LAMB, bf16 autocast on GPUs. Prints the rannc plan, samples/s, peak
-memory per GPU and the ratio rannc / DDP.
+positions per sequence (phase 1), LAMB, bf16 autocast on GPUs. Its MLM head scores the masked positions
+only; --full_sequence_mlm runs the seed's head over every position. Prints the rannc plan, samples/s,
+peak memory per GPU and the ratio rannc / DDP.
 """
 
 from __future__ import annotations
@@ -27,20 +28,24 @@ from bert.modeling import BertConfig, BertForPreTrainingWithCriterion, count_par
 from bert.optim import Lamb, bert_param_groups  # noqa: E402
 
 
-def make_batch(config: BertConfig, batch: int, seq: int, preds: int, device, seed: int):
+def make_batch(config: BertConfig, batch: int, seq: int, preds: int, device, seed: int,
+               full_sequence_mlm: bool = False):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, config.vocab_size, (batch, seq), generator=g)
-    labels = torch.full((batch, seq), -1, dtype=torch.long)
-    positions = torch.stack([torch.randperm(seq - 1, generator=g)[:preds] + 1 for _ in range(batch)])
-    labels.scatter_(1, positions, torch.randint(5, config.vocab_size, (batch, preds), generator=g))
+    positions = torch.stack([torch.randperm(seq - 1, generator=g)[:preds] + 1 for _ in range(batch)]).sort(1).values
+    masked_ids = torch.randint(5, config.vocab_size, (batch, preds), generator=g)
+    if full_sequence_mlm:
+        mlm_targets = (torch.full((batch, seq), -1, dtype=torch.long).scatter_(1, positions, masked_ids),)
+    else:
+        mlm_targets = (positions, masked_ids)
     segments = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
-    return [t.to(device) for t in (ids, segments, torch.ones(batch, seq, dtype=torch.long), labels,
+    return [t.to(device) for t in (ids, segments, torch.ones(batch, seq, dtype=torch.long), *mlm_targets,
                                    torch.randint(0, 2, (batch,), generator=g))]
 
 
 def run(kind: str, args, config, device, rank, world) -> dict:
     torch.manual_seed(args.seed)
-    model = BertForPreTrainingWithCriterion(config)
+    model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
     if kind == "ddp":
         model = model.to(device)
     optimizer = Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0)
@@ -50,7 +55,8 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                             if device.type == "cuda" else None)
-    batch = make_batch(config, args.batch_per_gpu, args.seq, args.preds, device, args.seed + rank)
+    batch = make_batch(config, args.batch_per_gpu, args.seq, args.preds, device, args.seed + rank,
+                       args.full_sequence_mlm)
     use_autocast = device.type == "cuda" and not args.no_autocast
     setup_s = None
     t_start = time.perf_counter()
@@ -106,6 +112,7 @@ def main() -> None:
     p.add_argument("--contenders", default="rannc,ddp")
     p.add_argument("--partition_num", type=int, default=0)
     p.add_argument("--no_autocast", action="store_true")
+    p.add_argument("--full_sequence_mlm", action="store_true", help="the seed's MLM head over every position")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -123,7 +130,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if rank == 0:
         print(f"{args.config_file}: {n_params / 1e9:.2f} B parameters; {world} x {name}; torch {torch.__version__}; "
-              f"batch {args.batch_per_gpu}/GPU, seq {args.seq}, bf16 autocast {device.type == 'cuda'}", flush=True)
+              f"batch {args.batch_per_gpu}/GPU, seq {args.seq}, bf16 autocast {device.type == 'cuda'}, MLM head "
+              f"{'full sequence' if args.full_sequence_mlm else 'masked positions'}", flush=True)
     rows = []
     for kind in args.contenders.split(","):
         try:

@@ -1,11 +1,13 @@
 """BERT for pretraining (masked LM + next sentence), written to be read against the paper and captured whole.
 The loss lives inside `BertForPreTrainingWithCriterion` so that rannc can partition model and loss together.
+By default its MLM head runs only on the masked positions (gathered into a fixed B x max_predictions_per_seq
+shape, as NVIDIA's later recipe does); `full_sequence_mlm=True` keeps the seed's head over every position.
 
 Behaviour follows NVIDIA's BERT recipe (tied MLM decoder, vocab padded to a multiple of 8, labels of -1
-ignored) plus three Megatron-LM options used for the 4.9B-parameter model: pre-LayerNorm residuals,
-query-key layer scaling and scaled init of output projections. The forward pass has no data-dependent
-Python control flow and no in-place module state, so `torch.export.export(..., strict=False)` captures it
-in train mode.
+ignored) plus three Megatron-LM options used for the 4.9B-parameter model: pre-LayerNorm residuals (which
+also drop the embedding LayerNorm and add one after the last layer), query-key layer scaling and scaled
+init of output projections. The forward pass has no data-dependent Python control flow and no in-place
+module state, so `torch.export.export(..., strict=False)` captures it in train mode.
 """
 
 from __future__ import annotations
@@ -99,14 +101,24 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
-    """Sum of word, position and segment embeddings, then LayerNorm and dropout."""
+    """Sum of word, position and segment embeddings, then LayerNorm and dropout.
+
+    With `megatron_residual_connection` there is no LayerNorm here (as in RaNNC's BERT example and
+    Megatron-LM): the first layer's pre-LayerNorm normalises its sublayer input, and the un-normalised sum
+    is the start of the residual stream."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Identity, not an unused LayerNorm: no parameters that never get a gradient, and the 4.9B
+        # configuration has exactly the seed's parameters.
+        self.layer_norm = (
+            nn.Identity()
+            if config.megatron_residual_connection
+            else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -240,9 +252,21 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(sequence_output[:, 0]))
 
 
+def gather_positions(sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The [B, P, H] rows of a [B, S, H] sequence at [B, P] positions.
+
+    A fixed shape whatever the count of real predictions (padding slots read position 0, [CLS], and carry an
+    ignored label), so torch.export captures it without data-dependent shapes; the backward scatters back."""
+    index = positions.unsqueeze(-1).expand(-1, -1, sequence_output.size(-1))
+    return torch.gather(sequence_output, 1, index)
+
+
 class BertMLMHead(nn.Module):
     """Transform, then score every vocab entry. `decoder.weight` is replaced by the word-embedding weight
-    in `BertForPreTraining`, so the input and output vocab share one matrix; the bias stays separate."""
+    in `BertForPreTraining`, so the input and output vocab share one matrix; the bias stays separate.
+
+    Given `masked_lm_positions` ([B, P]), only those rows are transformed and scored ([B, P, V] logits,
+    NVIDIA's later recipe); without, every position is ([B, S, V], the seed's head)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -252,14 +276,17 @@ class BertMLMHead(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
 
-    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+    def forward(self, sequence_output: torch.Tensor, masked_lm_positions: torch.Tensor | None = None) -> torch.Tensor:
+        if masked_lm_positions is not None:
+            sequence_output = gather_positions(sequence_output, masked_lm_positions)
         transformed = self.layer_norm(self.activation(self.dense(sequence_output)))
         return self.decoder(transformed) + self.bias
 
 
 class BertForPreTraining(nn.Module):
-    """BERT with both pretraining heads. Returns logits over the padded vocab at every position (B×S×V,
-    as NVIDIA's recipe at the pinned revision does) and next-sentence logits (B×2)."""
+    """BERT with both pretraining heads. Returns MLM logits over the padded vocab and next-sentence logits
+    (B×2). The MLM logits are B×P×V at the given `masked_lm_positions` (B×P), or B×S×V at every position
+    without them (as NVIDIA's recipe at the pinned revision does)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -295,21 +322,26 @@ class BertForPreTraining(nn.Module):
             nn.init.normal_(layer.mlp.output.weight, mean=0.0, std=scaled_std)
 
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masked_lm_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_states = self.embeddings(input_ids, token_type_ids)
         # [B, S] of 1 (attend) / 0 (padding) -> [B, 1, 1, S] added to every head's scores.
         keep = attention_mask[:, None, None, :].to(hidden_states.dtype)
         additive_mask = (1.0 - keep) * MASKED_SCORE
         sequence_output = self.encoder(hidden_states, additive_mask)
-        prediction_scores = self.mlm_head(sequence_output)
+        prediction_scores = self.mlm_head(sequence_output, masked_lm_positions)
         seq_relationship_score = self.nsp_head(self.pooler(sequence_output))
         return prediction_scores, seq_relationship_score
 
 
 class BertPretrainingCriterion(nn.Module):
     """Sum of the masked-LM and next-sentence cross entropies, in fp32. Label -1 marks positions that do
-    not count (NVIDIA's convention; Hugging Face uses -100)."""
+    not count (NVIDIA's convention; Hugging Face uses -100). The MLM loss is the mean over the labelled
+    tokens, so B×S logits with dense labels and B×P logits of the masked positions give the same value."""
 
     def __init__(self, vocab_size: int):
         super().__init__()
@@ -334,10 +366,21 @@ class BertPretrainingCriterion(nn.Module):
 
 class BertForPreTrainingWithCriterion(BertForPreTraining):
     """Model and loss in one module, as in the RaNNC seed, so one capture covers both and the returned
-    scalar is all that leaves the last pipeline stage."""
+    scalar is all that leaves the last pipeline stage.
 
-    def __init__(self, config: BertConfig):
+    Called as `model(input_ids, token_type_ids, attention_mask, *labels)`. By default the MLM head runs on
+    the masked positions only and `labels` are (masked_lm_positions, masked_lm_ids, next_sentence_labels):
+    B×P positions and their original ids (P = max_predictions_per_seq), padding slots at position 0 with
+    id -1, as `bert.data` yields them. With `full_sequence_mlm=True` (the seed's head, for comparisons) it
+    scores every position and `labels` are (masked_lm_labels, next_sentence_labels), masked_lm_labels
+    being B×S with -1 where nothing is masked. Both heads have the same parameters and the same loss."""
+
+    LABELS = ("masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
+    FULL_SEQUENCE_LABELS = ("masked_lm_labels", "next_sentence_labels")
+
+    def __init__(self, config: BertConfig, full_sequence_mlm: bool = False):
         super().__init__(config)
+        self.full_sequence_mlm = full_sequence_mlm
         # The logits are over the padded vocab; NVIDIA pads config.vocab_size itself before this point.
         self.criterion = BertPretrainingCriterion(config.padded_vocab_size)
 
@@ -346,10 +389,27 @@ class BertForPreTrainingWithCriterion(BertForPreTraining):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        masked_lm_labels: torch.Tensor,
-        next_sentence_labels: torch.Tensor,
+        *labels: torch.Tensor,
     ) -> torch.Tensor:
-        prediction_scores, seq_relationship_score = super().forward(input_ids, token_type_ids, attention_mask)
+        expected = self.FULL_SEQUENCE_LABELS if self.full_sequence_mlm else self.LABELS
+        if len(labels) != len(expected):
+            raise TypeError(
+                f"{type(self).__name__}(full_sequence_mlm={self.full_sequence_mlm}) takes input_ids, "
+                f"token_type_ids, attention_mask, {', '.join(expected)}: {3 + len(expected)} tensors, got "
+                f"{3 + len(labels)} (the default head takes {', '.join(self.LABELS)}; full_sequence_mlm=True "
+                f"takes the seed's dense {', '.join(self.FULL_SEQUENCE_LABELS)})"
+            )
+        if self.full_sequence_mlm:
+            masked_lm_positions = None
+            masked_lm_labels, next_sentence_labels = labels
+        else:
+            masked_lm_positions, masked_lm_ids, next_sentence_labels = labels
+            # Position 0 is [CLS], never masked: a slot there is padding whatever its id (NVIDIA's shards
+            # pad masked_lm_ids with 0, which would otherwise count as predictions of [PAD]).
+            masked_lm_labels = masked_lm_ids.masked_fill(masked_lm_positions == 0, -1)
+        prediction_scores, seq_relationship_score = super().forward(
+            input_ids, token_type_ids, attention_mask, masked_lm_positions
+        )
         return self.criterion(
             prediction_scores, seq_relationship_score, masked_lm_labels, next_sentence_labels
         )

@@ -24,16 +24,21 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", choices=sorted(DEVICES), default="h200")
     parser.add_argument("--batch_size", type=int, default=64, help="global batch per optimizer micro-step")
     parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--max_predictions_per_seq", type=int, default=20, help="rows of the masked MLM head")
+    parser.add_argument("--full_sequence_mlm", action="store_true",
+                        help="plan the seed's MLM head over every position instead of the masked positions")
     parser.add_argument("--mem_limit_gb", type=float, default=0.0)
     parser.add_argument("--partition_num", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     config = BertConfig.from_json_file(args.config_file)
     with torch.device("meta"):
-        model = BertForPreTrainingWithCriterion(config)
-        b, s = 8, args.max_seq_length
+        model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
+        b, s, p = 8, args.max_seq_length, args.max_predictions_per_seq
         ids = torch.zeros(b, s, dtype=torch.long)
-        inputs = (ids, ids, torch.ones(b, s, dtype=torch.long), ids, torch.zeros(b, dtype=torch.long))
+        positions, masked_ids = torch.zeros(b, p, dtype=torch.long), torch.zeros(b, p, dtype=torch.long)
+        mlm_targets = (ids,) if args.full_sequence_mlm else (positions, masked_ids)
+        inputs = (ids, ids, torch.ones(b, s, dtype=torch.long), *mlm_targets, torch.zeros(b, dtype=torch.long))
     print(f"{args.config_file}: {count_parameters(model) / 1e9:.2f} B parameters")
     rannc_config = RannConfig(mem_limit_gb=args.mem_limit_gb, partition_num=args.partition_num)
     deployment = plan_dry_run(model, inputs, args.np, args.batch_size, DEVICES[args.device], rannc_config)

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add("--partition_num", type=int, default=None,
         help="rannc: force this many pipeline stages (default: rannc's planner decides, or RANNC_PARTITION_NUM)")
     add("--no_dropout", action="store_true", help="turn dropout off (for exact comparisons)")
+    add("--full_sequence_mlm", action="store_true",
+        help="the seed's MLM head: score every position against the vocab (B x S x V logits) with dense labels; "
+             "default: only the masked positions (B x max_predictions_per_seq), the same loss")
     compat = parser.add_argument_group("accepted for NVIDIA's command lines; no effect here")
     compat.add_argument("--bert_model", default=None, help="unused by NVIDIA too")
     compat.add_argument("--do_train", action="store_true", help="training is all this script does")
@@ -127,7 +131,7 @@ def prepare_data(args: argparse.Namespace, rank: int) -> Path:
     if rank == 0:
         prepare_default_data(folder, max_seq_length=args.max_seq_length,
                              max_predictions_per_seq=args.max_predictions_per_seq,
-                             show_progress=not args.disable_progress_bar)
+                             show_progress=not args.disable_progress_bar and sys.stderr.isatty())
     rannc.barrier()  # the others wait for rank 0's shards
     return folder
 
@@ -145,7 +149,7 @@ def check_vocab(input_dir: Path, config: BertConfig) -> None:
 def prepare_model_and_optimizer(args: argparse.Namespace):
     config = BertConfig.from_json_file(args.config_file)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = BertForPreTrainingWithCriterion(config)
+    model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
     # Lamb's own clipping would see only this rank's part of the model; model.clip_grad_norm(1.0) clips globally.
     optimizer = Lamb(bert_param_groups(model, weight_decay=0.01), lr=args.learning_rate, max_grad_norm=0)
     scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
@@ -305,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     input_dir = prepare_data(args, rank)
     check_vocab(input_dir, config)
     k = args.gradient_accumulation_steps
-    loader = ShardedBatchLoader(input_dir, args.train_batch_size // k, rank, world_size, seed=args.seed)
+    loader = ShardedBatchLoader(input_dir, args.train_batch_size // k, rank, world_size, seed=args.seed,
+                                full_sequence_mlm=args.full_sequence_mlm)
     loss_scaler = DynamicLossScaler(init_scale=args.init_loss_scale) if args.fp16 else None
     amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
@@ -343,8 +348,10 @@ def main(argv: list[str] | None = None) -> dict:
                                "learning_rate": args.learning_rate, "train_start": True})
 
     model.train()
+    # disable=None: no bar when stderr is not a terminal (a log file gets the step lines below instead of
+    # carriage-return redraws). rannc's own log lines go through tqdm.write (rannc.log), above the bar.
     progress = tqdm(total=args.max_steps, initial=global_step, desc="Iteration", unit="step",
-                    disable=args.disable_progress_bar or not is_main)
+                    disable=True if args.disable_progress_bar or not is_main else None)
     samples_per_step = args.train_batch_size * world_size
     losses: list[float] = []
     final_loss = None
@@ -356,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(k):
             batch = [t.to(device) for t in next(loader)]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                # (input_ids, token_type_ids=segment_ids, attention_mask=input_mask, masked_lm_labels, nsp labels)
+                # (input_ids, token_type_ids=segment_ids, attention_mask=input_mask, masked_lm_positions,
+                #  masked_lm_ids, nsp labels); with --full_sequence_mlm dense masked_lm_labels replace the two
                 loss = model(*batch)  # the loss of the global batch, the same on every rank
             step_loss += loss.item() / k
             if not args.allreduce_post_accumulation:
@@ -392,9 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
             average_loss /= steps_since_log
             dllogger.log([loader.epoch, global_step], {"average_loss": average_loss, "step_loss": step_loss,
                                                        "learning_rate": lr})
-            if args.disable_progress_bar and is_main:
-                print(f"step {global_step}: average_loss {average_loss:.4f} step_loss {step_loss:.4f} "
-                      f"learning_rate {lr:.3e} step_ms {1000 * step_s:.0f}", flush=True)
+            if progress.disable and is_main:  # no bar (flag, or not a terminal): one line per record
+                tqdm.write(f"step {global_step}: average_loss {average_loss:.4f} step_loss {step_loss:.4f} "
+                           f"learning_rate {lr:.3e} step_ms {1000 * step_s:.0f}", file=sys.stdout)
+                sys.stdout.flush()
             final_loss, average_loss, steps_since_log = average_loss, 0.0, 0
 
         if not args.skip_checkpoint and (global_step % args.num_steps_per_checkpoint == 0 or global_step >= stop_step):
@@ -431,3 +440,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     main()
     rannc.clear()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -31,16 +31,35 @@ def sync_params_on_init(sync: bool) -> None:
     FLAGS.sync_params_on_init = bool(sync)
 
 
+def allreduce_grads(rmodel: RaNNCModule, optimizer=None, prescale: float = 1.0) -> bool:
+    """RaNNC v0.6-v0.7.4's module-level all-reduce, for gradient accumulation under delay_grad_allreduce(True):
+    multiply every local gradient by `prescale` (e.g. 1 / accumulation steps), then sum each gradient over
+    the ranks that hold its parameter, as `rmodel.allreduce_grads()` does. Collective. `optimizer` is
+    accepted for RaNNC's signature (it was used for apex amp only). Returns had_overflow, always False
+    (no apex loss scaling here), as RaNNC does without amp."""
+    del optimizer
+    if not rmodel.ready:
+        raise RuntimeError("allreduce_grads() needs the deployment, which the first forward call creates")
+    if prescale != 1.0:
+        import torch
+        with torch.no_grad():
+            for p in rmodel.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(prescale)
+    rmodel.allreduce_grads()
+    return False
+
+
 def clear() -> None:
-    """Tear down the process group (RaNNC's `clear`)."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """RaNNC's `clear`: wrapped modules may be dropped and new ones wrapped; the process group stays up (as
+    upstream keeps MPI up), so that the usual `clear(); barrier()` between models synchronises every rank
+    instead of racing a re-created group."""
+    barrier()
 
 
 __all__ = [
     "RaNNCModule", "RannConfig", "load_config", "ConfigError", "CaptureError", "Deployment", "DeploymentError",
     "PlanningError", "show_deployment", "plan_dry_run", "DeviceSpec", "DEVICES",
-    "delay_grad_allreduce", "keep_graph", "sync_params_on_init",
+    "delay_grad_allreduce", "keep_graph", "sync_params_on_init", "allreduce_grads",
     "get_rank", "get_world_size", "barrier", "clear",
 ]

@@ -2,12 +2,17 @@
 
 One `RannConfig` object is built at start-up and validated there, so that a typo in an item name or a bad
 value stops the run before any work is done, with a message that names the item.
+
+RaNNC's own items that have no meaning here (its undocumented debugging and partitioner switches, listed in
+`UPSTREAM_ONLY`) are accepted from every source, so that RaNNC's scripts and launchers run unchanged; each one
+logs a single notice per process that it has no effect, naming the closest rannc item where there is one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import tomllib
 from pathlib import Path
@@ -15,6 +20,40 @@ from typing import Any
 
 ENV_PREFIX = "RANNC_"
 CONF_FILE_NAME = "rannc_conf.toml"
+
+logger = logging.getLogger("rannc.config")
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False}
+
+# RaNNC items (src/Config.cpp) without a meaning in rannc -> the closest rannc item, or None.
+UPSTREAM_ONLY: dict[str, str | None] = {
+    "profiling": "trace_events", "graph_profiling": None, "profile_dump_path": None,
+    "dump_graph": None, "dump_graph_prefix": None,
+    "replica_num": None, "pipeline_num": None,
+    "validate_comm": None, "display_comm_value": None, "display_act_value": None,
+    "consolidate_grads": None, "profiling_iter": "profile_repeats",
+    "checkpointing": "recompute", "checkpointing_no_last": "recompute",
+    "disable_balancing": None, "auto_parallel": None, "p2p_comm": None, "decomposer": None,
+    "min_partition_num": "partition_num", "max_partition_num": "partition_num", "max_mp_num": None,
+    "do_coarsening": "max_blocks", "do_uncoarsening": "max_blocks", "coarsen_by_time": "max_blocks",
+    "save_graph_profile": "profile_cache_dir", "load_graph_profile": "profile_cache_dir",
+    "graph_profile_file": "profile_cache_dir",
+    "verify_recomp": None, "verify_partitioning": None, "dp_search_all": None, "min_pipeline_bs": None,
+    "limit_dev_num_pot": None, "limit_dev_num_more_than_bs": None, "alloc_repl_flat": None,
+    "save_mlpart_results": None, "load_mlpart_results": None, "mlpart_results_file": None,
+    "save_alloc_solutions": None, "load_alloc_solutions": None, "alloc_solutions_file_prefix": None,
+    "dump_dp_node_profiles": None, "dump_dp_cache": None, "use_mpi_to_gather_dist_params": None,
+    "run_watchdog": "comm_timeout_s", "watchdog_lockfile_dir": "comm_timeout_s",
+    "force_dist_matmul": None, "use_named_tensors": None,
+    "profiler_cache_size": "profile_cache_dir", "enable_kineto": "trace_events", "conf_dir": None,
+}
+# Extra advice for some of them.
+_UPSTREAM_ADVICE = {
+    "pipeline_num": "to force the number of micro-batches, set min_pipeline and max_pipeline to the same value",
+    "conf_dir": "rannc reads the folder of rannc_conf.toml from the RANNC_CONF_DIR variable",
+}
+_WARNED: set[str] = set()
 
 
 class ConfigError(ValueError):
@@ -32,7 +71,8 @@ class RannConfig:
     save_deployment: bool = dataclasses.field(
         default=False, metadata={"help": "save the chosen deployment to deployment_file"})
     load_deployment: bool = dataclasses.field(
-        default=False, metadata={"help": "reuse the deployment in deployment_file instead of planning"})
+        default=False, metadata={"help": "reuse the deployment in deployment_file instead of planning; a path "
+                                         "(RaNNC's RaNNCModule(load_deployment=path)) also sets deployment_file"})
     deployment_file: str = dataclasses.field(
         default="rannc_deployment.json", metadata={"help": "path of the saved deployment"})
     partition_num: int = dataclasses.field(
@@ -51,6 +91,15 @@ class RannConfig:
         default=False, metadata={"help": "profile only the smallest micro-batch sizes and extrapolate to larger ones"})
     partitioning_dry_run_np: int = dataclasses.field(
         default=0, metadata={"help": "plan for this many devices, print the plan and exit without training"})
+    show_config_items: bool = dataclasses.field(
+        default=False, metadata={"help": "log every config item and its value at start (rank 0)"})
+    sync_allreduce: bool = dataclasses.field(
+        default=False, metadata={"help": "accepted for RaNNC compatibility; rannc's all-reduces always run in "
+                                         "the same order on every rank, so it changes nothing"})
+    gather_inputs: bool = dataclasses.field(
+        default=True, metadata={"help": "RaNNCModule argument: True = the global batch is the union of all "
+                                        "ranks' local batches; False: the global batch is rank 0's batch, other "
+                                        "ranks' inputs are ignored"})
     # Our own items.
     schedule: str = dataclasses.field(
         default="gpipe", metadata={"help": "pipeline schedule: gpipe (forwards in the call, backwards in "
@@ -74,24 +123,85 @@ class RannConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     def replace(self, **items: Any) -> "RannConfig":
-        """A copy with some items changed; names and values are validated like file items."""
+        """A copy with some items changed; names and values are validated like file items. RaNNC-only items
+        are accepted with a notice (see UPSTREAM_ONLY)."""
         merged = dataclasses.asdict(self)
-        for name, value in items.items():
-            key = _check_name(name, "argument")
-            merged[key] = _coerce(key, value, "argument")
+        merged.update(_read_items(items, "argument"))
         return RannConfig(**merged)
+
+
+def show_items(config: RannConfig) -> str:
+    """Every item and its value, one a line (RaNNC's show_config_items); non-default values are marked."""
+    lines = ["rannc config items:"]
+    width = max(len(name) for name in _FIELDS)
+    for name, field in _FIELDS.items():
+        value = getattr(config, name)
+        note = "" if value == field.default else f"  (default {field.default!r})"
+        lines.append(f"  {name:<{width}} = {value!r}{note}")
+    return "\n".join(lines)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RannConfig)}
 
 
-def _check_name(name: str, source: str) -> str:
+def _check_name(name: str, source: str) -> str | None:
+    """The item's key; None for a RaNNC-only item (after its one notice); ConfigError for an unknown name."""
     key = name.lower()
+    if key in UPSTREAM_ONLY and key not in _FIELDS:
+        _notice_upstream_only(key, source)
+        return None
     if key not in _FIELDS:
-        close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+        close = difflib.get_close_matches(key, list(_FIELDS) + list(UPSTREAM_ONLY), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
+        if close and close[0] in UPSTREAM_ONLY:
+            theirs = UPSTREAM_ONLY[close[0]]
+            hint = (f"; did you mean '{close[0]}' (RaNNC's, without effect in rannc"
+                    f"{f'; the closest rannc item is {theirs!r}' if theirs else ''})?")
         raise ConfigError(f"unknown rannc config item '{name}' (from {source}){hint}")
     return key
+
+
+def _notice_upstream_only(key: str, source: str) -> None:
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    closest = UPSTREAM_ONLY[key]
+    hint = f"the closest rannc item is '{closest}'" if closest else "rannc has no counterpart"
+    advice = _UPSTREAM_ADVICE.get(key)
+    logger.warning("config item '%s' (from %s) is RaNNC's and has no effect in rannc; %s%s", key, source, hint,
+                   f" ({advice})" if advice else "")
+
+
+def _read_items(raw: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Validated {key: value} from {name: value}; `source` names where they came from (None: the name is an
+    environment variable, without its prefix). load_deployment=<path> also sets deployment_file."""
+    out: dict[str, Any] = {}
+    path_from: str | None = None
+    for name, value in raw.items():
+        where = source or f"environment variable {ENV_PREFIX}{name}"
+        key = _check_name(name, where)
+        if key is None:
+            continue
+        if key == "load_deployment" and _is_path(value):
+            if "deployment_file" in out and out["deployment_file"] != os.fspath(value):
+                raise ConfigError(f"rannc config items 'load_deployment' ({value!r}) and 'deployment_file' "
+                                  f"({out['deployment_file']!r}) name different files (from {where})")
+            out["load_deployment"], out["deployment_file"], path_from = True, os.fspath(value), where
+            continue
+        if key == "deployment_file" and path_from is not None:
+            if str(value) != out["deployment_file"]:
+                raise ConfigError(f"rannc config items 'load_deployment' ({out['deployment_file']!r}) and "
+                                  f"'deployment_file' ({value!r}) name different files (from {where})")
+            continue
+        out[key] = _coerce(key, value, where)
+    return out
+
+
+def _is_path(value: Any) -> bool:
+    """A load_deployment value that names a file: a non-empty string (or os.PathLike) that is no boolean word."""
+    if isinstance(value, os.PathLike):
+        return True
+    return isinstance(value, str) and value.strip() != "" and value.strip().lower() not in _BOOL_WORDS
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -101,11 +211,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if kind is bool:
             if isinstance(value, bool):
                 out = value
+            elif value is None and name == "load_deployment":  # RaNNCModule(load_deployment=None)
+                out = False
             elif isinstance(value, (int, float)) and value in (0, 1):
                 out = bool(value)
-            elif isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false",
-                                                                        "no", "off"):
-                out = value.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+                out = _BOOL_WORDS[value.strip().lower()]
             else:
                 raise ValueError("expected true or false")
         elif kind is int:
@@ -126,8 +237,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def _check_range(name: str, value: Any, source: str) -> None:
     bad = None
-    if name in ("mem_limit_gb", "comm_timeout_s") and value < 0:
+    if name == "mem_limit_gb" and value < 0:
         bad = "must be >= 0"
+    elif name == "comm_timeout_s" and not value > 0:
+        bad = "must be > 0"
     elif name == "mem_margin" and not 0.0 <= value < 1.0:
         bad = "must be in [0, 1)"
     elif name in ("partition_num", "partitioning_dry_run_np") and value < 0:
@@ -158,14 +271,9 @@ def load_config(env: dict[str, str] | None = None) -> RannConfig:
                 table = tomllib.load(f)
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"cannot parse {path}: {exc}") from None
-        for name, value in table.items():
-            key = _check_name(name, str(path))
-            items[key] = _coerce(key, value, str(path))
-    for var, value in env.items():
-        if not var.startswith(ENV_PREFIX) or var == "RANNC_CONF_DIR":
-            continue
-        key = _check_name(var[len(ENV_PREFIX):], f"environment variable {var}")
-        items[key] = _coerce(key, value, f"environment variable {var}")
+        items.update(_read_items(table, str(path)))
+    items.update(_read_items({var[len(ENV_PREFIX):]: value for var, value in env.items()
+                              if var.startswith(ENV_PREFIX) and var != "RANNC_CONF_DIR"}))
     config = RannConfig(**items)
     if config.min_pipeline > config.max_pipeline:
         raise ConfigError(f"rannc config item 'min_pipeline' ({config.min_pipeline}) exceeds 'max_pipeline' "

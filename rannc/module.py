@@ -1,5 +1,5 @@
 """RaNNCModule: wraps an unmodified model; on the first call it captures, profiles, plans and deploys,
-then runs every call as a pipeline over all processes, returning the loss of the global batch."""
+then hands every call to the engine (`runtime/engine.py`), which runs the pipeline over all processes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+import zlib
 from collections import OrderedDict
 from typing import Any
 
@@ -17,21 +18,22 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
-from rannc.config import RannConfig, load_config
+from rannc.config import RannConfig, load_config, show_items
 from rannc.graph.blocks import linearize, make_blocks
-from rannc.graph.capture import capture, retarget_device
-from rannc.graph.dropout import dropout_active
+from rannc.graph.capture import capture, preserved_state, retarget_device
+from rannc.graph.signature import CallSignature
 from rannc.graph.stage import build_stage
+from rannc.log import setup_logging
 from rannc.plan.deployment import Deployment
 from rannc.plan.planner import microbatch_candidates, plan
 from rannc.profile.profiler import build_profile_set, measure_links
 from rannc.runtime import grads as grad_ops
-from rannc.runtime.chunks import Chunk, split_batch
+from rannc.runtime.engine import CallFlags, Engine
 from rannc.runtime.optimizer import OptimizerPatch
+from rannc.runtime.outputs import OutputRouter
 from rannc.runtime.pipeline import StageRuntime
 from rannc.runtime.placement import Placement
-from rannc.runtime.schedule import gpipe_backward, gpipe_forward, one_f_one_b
-from rannc.runtime.state import gather_state_dict, load_into_local
+from rannc.runtime.state import fetch_tensor, gather_state_dict, load_into_local, restore_all
 
 logger = logging.getLogger("rannc.RaNNCModule")
 
@@ -47,55 +49,44 @@ class _Flags:
 FLAGS = _Flags()
 
 
-class _PipelineLoss(torch.autograd.Function):
-    """Ties the returned loss to the pipeline: its backward runs the backward schedule."""
-
-    @staticmethod
-    def forward(ctx, anchor, value, module):
-        ctx.module = module
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        ctx.module._backward(grad_output)
-        return None, None, None
-
-
 class RaNNCModule(nn.Module):
-    """Wrap `model` (and the `optimizer` over its parameters); call it like the model with the rank's
-    local batch. The result is the loss of the global batch (the union of all ranks' local batches),
-    the same on every rank."""
+    """Wrap `model` (and the `optimizer` over its parameters); call it like the model, with the rank's local
+    batch, by position or keyword. A scalar result is the value of the global batch (the union of all
+    ranks' local batches), the same on every rank; a batched result holds the rows of this rank's local
+    batch. See the README's "Bring your own model" for the gradient semantics."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 use_amp_master_params: bool = False, allreduce_amp_master_params: bool = False,
-                 enable_apex_amp: bool = False, check_unused_values: bool = False,
-                 config: RannConfig | None = None, **config_items: Any):
+                 gather_inputs: bool = True, load_deployment: Any = None, enable_apex_amp: bool = False,
+                 allreduce_amp_master_params: bool = False, enable_zero: bool = False,
+                 check_unused_values: bool = False, offload_params: bool = False,
+                 use_amp_master_params: bool = False, config: RannConfig | None = None, **config_items: Any):
         super().__init__()
         if enable_apex_amp or use_amp_master_params:
             raise NotImplementedError("apex amp is not supported; use torch.autocast around the call")
-        self.config = (config or load_config()).replace(**config_items) if config_items else (
-            config or load_config())
+        if enable_zero or offload_params:
+            raise NotImplementedError(f"{'enable_zero' if enable_zero else 'offload_params'}=True is not "
+                                      f"supported by rannc: the planner fits every stage in device memory with "
+                                      f"pipeline stages, replicas and recomputation instead")
+        if load_deployment is not None:
+            config_items["load_deployment"] = load_deployment
+        config_items["gather_inputs"] = gather_inputs
+        self.config = (config or load_config()).replace(**config_items)
         rdist.init(self.config.comm_timeout_s)
         self.model = model
         self._optimizer_patch = OptimizerPatch(optimizer) if optimizer is not None else None
         self._dropout_enabled = True
         self._deployment: Deployment | None = None
-        self._runtime: StageRuntime | None = None
         self._placement: Placement | None = None
+        self._engine: Engine | None = None
         self._captured = None
-        self._reducer = None
-        self._interleaved_before: dict | None = None  # 1F1B: gradients set aside until loss.backward(g)
-        self._anchor = torch.zeros((), requires_grad=True)
         self.rank = rdist.get_rank()
         self.world_size = rdist.get_world_size()
         self.device = rdist.device()
-        if self.config.verbose and self.rank == 0 and not logging.getLogger("rannc").handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("<%(name)s>: %(message)s"))
-            logging.getLogger("rannc").addHandler(handler)
-            logging.getLogger("rannc").setLevel(logging.INFO)
+        setup_logging(self.config.verbose, self.rank)
+        if self.config.show_config_items and self.rank == 0:
+            logger.info("%s", show_items(self.config))
 
-    # ---- public API ----------------------------------------------------------------------------------
+    # ---- calling ------------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
         return self._deployment is not None
@@ -104,39 +95,137 @@ class RaNNCModule(nn.Module):
     def deployment(self) -> Deployment | None:
         return self._deployment
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_args(args, kwargs)
-        self._check_shapes(args)
-        if self._deployment is None:
-            self._deploy(args, self._gather_global_batch(args))
-        if self._local_rows_only():
-            return self._run(list(args), local=True)
-        return self._run(self._gather_global_batch(args))
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        error, call, tensors = None, None, []
+        try:
+            call = self._captured.call if self._captured is not None else CallSignature.of(args, kwargs)
+            tensors = call.tensors(args, kwargs)
+            self._check_tensors(tensors, call)
+        except (TypeError, ValueError) as exc:  # checked on every rank together below, never alone
+            error = exc
+        self._agree_on_inputs(error, call, tensors)
+        if self._engine is None:
+            self._deploy(args, kwargs, tensors)
+        local = self._local_rows_only()
+        batch_args = tensors if local else self._global_batch(tensors)
+        leaves = self._engine.run(batch_args, local, self.config.gather_inputs, train=self.training,
+                                  dropout=self.training and self._dropout_enabled, flags=_call_flags)
+        return self._captured.outputs.rebuild(leaves)
 
-    def enable_dropout(self, enable: bool) -> None:
-        self._dropout_enabled = bool(enable)
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped model (`wrapped.config`, `wrapped.embeddings`) read through, as in RaNNC."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
 
+    # ---- gradients ----------------------------------------------------------------------------------
     def allreduce_grads(self) -> None:
         """Sum gradients over each parameter's holders (needed after delay_grad_allreduce(True))."""
         self._require_ready("allreduce_grads")
-        grad_ops.allreduce_grads(self._placement)
+        self._engine.allreduce_grads()
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip gradients by the global norm of the whole model's gradients; returns that norm."""
+        """Clip gradients by the global norm of the whole model's gradients; returns that norm. Collective."""
         self._require_ready("clip_grad_norm")
         return grad_ops.clip_grad_norm(self._placement, self.device, max_norm, norm_type)
 
-    def state_dict(self, *args, sync_all_ranks: bool = False, no_hook: bool = False, **kwargs) -> "OrderedDict":
-        """Full state dict on rank 0 (every rank with sync_all_ranks); collective once deployed."""
+    def calc_grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The global norm of the whole model's gradients, each parameter counted once. Collective."""
+        self._require_ready("calc_grad_norm")
+        return grad_ops.global_grad_norm(self._placement, self.device, norm_type)
+
+    _calc_grad_norm = calc_grad_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    # ---- parameters and state -----------------------------------------------------------------------
+    def get_param(self, name: str, amp_master_param: bool = False) -> torch.Tensor:
+        """The full value of parameter (or buffer) `name`, on every rank (a CPU copy once deployed).
+        Collective after deployment: every rank asks for the same names in the same order."""
+        return self._get_tensor(name, grad=False)
+
+    def get_param_grad(self, name: str, amp_master_param: bool = False) -> torch.Tensor | None:
+        """The gradient of parameter `name` as its holders have it (summed unless delayed), on every rank.
+        Collective after deployment."""
+        return self._get_tensor(name, grad=True)
+
+    def _get_tensor(self, name: str, grad: bool) -> torch.Tensor | None:
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(self.model.named_buffers(remove_duplicate=False))
+        if name not in named:
+            raise KeyError(f"the model has no parameter or buffer named '{name}'")
+        t = named[name]
+        if self._placement is None:
+            value = t.grad if grad else t
+            return None if value is None else value.detach()
+        return fetch_tensor(self._placement, name, grad)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True,
+                         from_global: bool = False):
+        """This rank's parameters once deployed (all of them before); `from_global=True`: every parameter
+        with its full value (CPU copies, collective)."""
+        return self._named(self.model.named_parameters(prefix, recurse, remove_duplicate), from_global, prefix)
+
+    def parameters(self, recurse: bool = True, from_global: bool = False):
+        for _, p in self.named_parameters(recurse=recurse, from_global=from_global):
+            yield p
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True,
+                      from_global: bool = False):
+        return self._named(self.model.named_buffers(prefix, recurse, remove_duplicate), from_global, prefix)
+
+    def buffers(self, recurse: bool = True, from_global: bool = False):
+        for _, b in self.named_buffers(recurse=recurse, from_global=from_global):
+            yield b
+
+    def _named(self, items, from_global: bool, prefix: str):
+        items = list(items)
+        if self._placement is None:
+            return iter(items)
+        if from_global:
+            keys = [n[len(prefix) + 1:] if prefix else n for n, _ in items]
+            full = gather_state_dict(self._placement, keys, True)
+            return iter([(n, full[k]) for (n, _), k in zip(items, keys)])
+        return iter([(n, t) for n, t in items if self._placement.is_local(t)])
+
+    def state_dict(self, *args, sync_all_ranks: bool = False, no_hook: bool = False, rank0_only: bool = True,
+                   amp_master_params: bool = True, sync_grad: bool = False, **kwargs) -> OrderedDict:
+        """The full state dict on rank 0 (`{}` elsewhere); on every rank with `sync_all_ranks=True` or
+        `rank0_only=False`. Collective once deployed."""
+        if sync_grad:
+            raise NotImplementedError("state_dict(sync_grad=True) is not supported: gradients are not part of "
+                                      "rannc's state dicts; use get_param_grad(name)")
         if self._placement is None:
             return self.model.state_dict(*args, **kwargs)
-        keys = list(self._state_keys)
-        return gather_state_dict(self._placement, keys, sync_all_ranks)
+        return gather_state_dict(self._placement, list(self._state_keys), sync_all_ranks or not rank0_only)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True, **kwargs):
         if self._placement is None:
             return self.model.load_state_dict(state_dict, strict=strict)
         load_into_local(self._placement, state_dict, strict)
+
+    def undeploy(self) -> None:
+        """Give the model back whole: every rank's model holds every parameter and buffer again (and the
+        optimizer all of its parameters, with their state); the next call plans and deploys anew.
+        Collective."""
+        if self._placement is None:
+            return
+        optimizer_state = self._optimizer_patch.state_dict() if self._optimizer_patch is not None else None
+        full = gather_state_dict(self._placement, list(self._state_keys), True)
+        restore_all(self._placement, full, self.device if self.device.type == "cuda" else None)
+        if self._optimizer_patch is not None:
+            self._optimizer_patch.undeploy()
+            self._optimizer_patch.load_state_dict(optimizer_state)
+        self._deployment = self._placement = self._engine = self._captured = None
+
+    # ---- switches and files -------------------------------------------------------------------------
+    def enable_dropout(self, enable: bool) -> None:
+        self._dropout_enabled = bool(enable)
 
     def save_deployment(self, path: str) -> None:
         self._require_ready("save_deployment")
@@ -146,24 +235,16 @@ class RaNNCModule(nn.Module):
     def save_trace(self, path: str | None = None) -> str | None:
         """Write this rank's schedule events (trace_events) as a Chrome trace: `<event_trace_file>.rank<r>`
         unless `path` is given. Also runs at exit when trace_events is on."""
-        if self._runtime is None or self._runtime.trace is None:
+        runtime = self._engine.runtime if self._engine is not None else None
+        if runtime is None or runtime.trace is None:
             return None
         path = path or f"{self.config.event_trace_file}.rank{self.rank}"
         with open(path, "w") as f:
-            json.dump({"traceEvents": self._runtime.trace}, f)
+            json.dump({"traceEvents": runtime.trace}, f)
         return path
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.model.zero_grad(set_to_none=set_to_none)
-
-    def named_parameters(self, *args, **kwargs):
-        return self.model.named_parameters(*args, **kwargs)
-
-    def parameters(self, recurse: bool = True):
-        return self.model.parameters(recurse)
-
     # ---- the first call ------------------------------------------------------------------------------
-    def _deploy(self, local_args: tuple, global_args: list[torch.Tensor]) -> None:
+    def _deploy(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> None:
         cfg = self.config
         t0 = time.perf_counter()
         logger.info("Tracing model ...")
@@ -176,25 +257,35 @@ class RaNNCModule(nn.Module):
             if stray:
                 raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
         model_device = next((t.device for t in named.values()), torch.device("cpu"))
-        captured = capture(self.model, tuple(a.detach().to(model_device) for a in local_args))
-        retarget_device(captured.gm, self.device)
-        lin = linearize(captured)
-        blocks = make_blocks(lin, cfg.max_blocks)
-        self._captured = captured
-        batch_size = global_args[captured.batched_inputs.index(True)].shape[0] if any(
-            captured.batched_inputs) else 1
-        logger.info("Captured %d operations in %d blocks (%d cut points) in %.1f s", lin.size, blocks.count,
-                    len(lin.valid_cuts), time.perf_counter() - t0)
-        plan_world = cfg.partitioning_dry_run_np or self.world_size
-        deployment, error = None, None
-        links = measure_links(self.device) if not cfg.load_deployment and self.world_size > 1 else {}
-        if self.rank == 0:
+        global_args = self._global_batch(tensors)
+        with preserved_state(self.model):  # capture and profiling must not count as training
+            call = CallSignature.of(args, kwargs)
+            local_args, local_kwargs = call.rebuild(tuple(t.detach().to(model_device) for t in tensors))
+            error = None
             try:
-                deployment = self._make_plan(captured, lin, blocks, global_args, batch_size, plan_world, links)
-            except Exception as exc:  # every rank must learn of it, not wait for a plan
+                captured = capture(self.model, local_args, local_kwargs)
+                retarget_device(captured.gm, self.device)
+                lin = linearize(captured)
+                blocks = make_blocks(lin, cfg.max_blocks)
+            except Exception as exc:  # raised on every rank, not only where it happened
                 error = exc
-        deployment, message = rdist.broadcast_object((deployment, None if error is None else
-                                                      f"{type(error).__name__}: {error}"))
+            rdist.agree_or_raise(error, "capturing the model")
+            self._captured = captured
+            self._announce_outputs(captured)
+            batch_size = global_args[captured.batched_inputs.index(True)].shape[0] if any(
+                captured.batched_inputs) else 1
+            logger.info("Captured %d operations in %d blocks (%d cut points) in %.1f s", lin.size, blocks.count,
+                        len(lin.valid_cuts), time.perf_counter() - t0)
+            plan_world = cfg.partitioning_dry_run_np or self.world_size
+            deployment, error = None, None
+            links = measure_links(self.device) if not cfg.load_deployment and self.world_size > 1 else {}
+            if self.rank == 0:
+                try:
+                    deployment = self._make_plan(captured, lin, blocks, global_args, batch_size, plan_world, links)
+                except Exception as exc:  # every rank must learn of it, not wait for a plan
+                    error = exc
+            deployment, message = rdist.broadcast_object((deployment, None if error is None else
+                                                          f"{type(error).__name__}: {error}"))
         if error is not None:
             raise error
         if message is not None:
@@ -210,6 +301,17 @@ class RaNNCModule(nn.Module):
             sys.exit(0)
         self._install(captured, lin, deployment, named)
         logger.info("RaNNCModule is ready (%.1f s). (rank0)", time.perf_counter() - t0)
+
+    def _announce_outputs(self, captured) -> None:
+        """Say once what the user should know about the captured model's results and layers."""
+        outputs = captured.outputs
+        if outputs.dropped and self.rank == 0:
+            logger.warning("rannc drops these outputs, which are not tensors or plain values, and returns None "
+                           "in their place: %s", ", ".join(outputs.dropped))
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) and self.rank == 0:
+            logger.warning("the model has BatchNorm layers: batch statistics are computed per micro-batch and "
+                           "replica (as DDP without SyncBatchNorm); running statistics are averaged over a "
+                           "stage's replicas after every training call")
 
     def _make_plan(self, captured, lin, blocks, global_args, batch_size, plan_world, links) -> Deployment:
         cfg = self.config
@@ -250,210 +352,146 @@ class RaNNCModule(nn.Module):
         placement = Placement(stages, deployment, self.rank, named)
         placement.place(self.device)
         self._placement = placement
+        runtime, stage, replica = None, None, 0
         my_stage = deployment.stage_of_rank(self.rank)
         if my_stage is not None:
             plan_s = deployment.stages[my_stage]
             replica = plan_s.ranks.index(self.rank)
             prev_rank = deployment.stages[my_stage - 1].ranks[replica] if my_stage > 0 else None
             next_rank = deployment.stages[my_stage + 1].ranks[replica] if my_stage + 1 < len(stages) else None
-            self._runtime = StageRuntime(stages[my_stage], captured.batched_inputs, self.device, prev_rank,
-                                         next_rank, plan_s.recompute)
+            stage = stages[my_stage]
+            runtime = StageRuntime(stage, captured.batched_inputs, self.device, prev_rank, next_rank,
+                                   plan_s.recompute)
             if self.config.trace_events:
-                self._runtime.trace, self._runtime.trace_pid = [], self.rank
+                runtime.trace, runtime.trace_pid = [], self.rank
                 atexit.register(self.save_trace)
-            self._replica = replica
         if self._optimizer_patch is not None:
             self._optimizer_patch.deploy(placement)
-        self._reducer = None
-        if self._runtime is not None and self.world_size > 1:
-            self._reducer = grad_ops.OverlappedAllReduce(placement, self._runtime.stage.parameters())
+        outputs = captured.outputs
+        interleaved = deployment.schedule == "1f1b"
+        if interleaved and outputs.kinds != ["scalar"]:
+            if self.rank == 0:
+                logger.warning("schedule '1f1b' runs backwards inside the call and needs a model returning one "
+                               "scalar loss; this model returns %d outputs: running GPipe", len(outputs.kinds))
+            interleaved = False
+        router = OutputRouter(outputs, self.rank, self.world_size, self.device, self.config.gather_inputs)
+        self._engine = Engine(deployment, placement, runtime, stage, router, captured.batched_inputs, self.rank,
+                              self.world_size, self.device, replica, interleaved)
+        if self._engine.reducer is not None:
             self.model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
         self._deployment = deployment
 
     # ---- every call ----------------------------------------------------------------------------------
-    def _check_args(self, args: tuple, kwargs: dict) -> None:
-        if kwargs:
-            raise TypeError(f"RaNNCModule does not take keyword arguments; pass tensors positionally "
-                            f"(got: {', '.join(f'{k}=...' for k in kwargs)})")
-        if not args:
-            raise TypeError("RaNNCModule needs at least one tensor argument")
-        for i, a in enumerate(args):
-            if not isinstance(a, torch.Tensor):
-                raise TypeError(f"RaNNCModule takes only tensors; argument {i} is {type(a).__name__}")
-            if self.device.type == "cuda" and a.device != self.device:
-                raise ValueError(f"argument {i} is on {a.device}; under NCCL every input must be on this "
-                                 f"rank's device {self.device}")
-        if self._captured is not None and len(args) != len(self._captured.input_names):
-            raise TypeError(f"RaNNCModule was deployed for {len(self._captured.input_names)} arguments, got "
-                            f"{len(args)}")
+    def _check_tensors(self, tensors: list[torch.Tensor], call: CallSignature) -> None:
+        if self.device.type == "cuda":
+            for path, t in zip(call.tensor_paths(), tensors):
+                if t.device != self.device:
+                    raise ValueError(f"argument {path} is on {t.device}; under NCCL every input must be on this "
+                                     f"rank's device {self.device}")
 
     def _local_rows_only(self) -> bool:
         """Plain data parallelism over all ranks in one micro-batch: each replica's rows are exactly its
         own local batch, so nothing needs to be gathered."""
         d = self._deployment
-        return len(d.stages) == 1 and d.microbatch_count == 1 and d.replicas == self.world_size
+        return (self.config.gather_inputs and len(d.stages) == 1 and d.microbatch_count == 1
+                and d.replicas == self.world_size)
 
-    def _check_shapes(self, args: tuple) -> None:
-        """Collective: every rank passes tensors of the same shapes (local batches of one size)."""
+    def _agree_on_inputs(self, error: Exception | None, call: CallSignature | None,
+                         tensors: list[torch.Tensor]) -> None:
+        """Collective, one small all-gather per call: every rank learns whether any rank's call was refused
+        or passes tensors of other shapes, dtypes or local batch size than the others, and then every rank
+        raises the same error, naming the rank."""
         if self.world_size == 1:
+            if error is not None:
+                raise error
             return
-        comm = rdist.comm_device()
-        shapes = torch.tensor([d for a in args for d in ([a.dim()] + list(a.shape) + [0] * (8 - a.dim()))],
-                              dtype=torch.int64, device=comm)
-        everyone = [torch.empty_like(shapes) for _ in range(self.world_size)]
-        dist.all_gather(everyone, shapes)
-        everyone_rows = [e.view(len(args), 9).tolist() for e in everyone]
-        for rank, rows in enumerate(everyone_rows):
-            for i, (mine, theirs) in enumerate(zip(everyone_rows[self.rank], rows)):
-                if mine[0] != theirs[0] or mine[2:] != theirs[2:]:
-                    raise ValueError(f"argument {i} has shape {_shape(mine)} on rank {self.rank} but "
-                                     f"{_shape(theirs)} on rank {rank}; all ranks must pass the same shapes")
-            for i, (mine, theirs) in enumerate(zip(everyone_rows[self.rank], rows)):
-                if mine[0] > 0 and mine[1] != theirs[1]:
-                    raise ValueError(f"local batch sizes differ: argument {i} has {mine[1]} rows on rank "
-                                     f"{self.rank} and {theirs[1]} on rank {rank}; every rank must pass a "
-                                     f"local batch of the same size")
+        signature = [(t.dim(), tuple(t.shape[1:]) if t.dim() else (), str(t.dtype)) for t in tensors]
+        convention = _convention(call)
+        rows = next((t.shape[0] for t in tensors if t.dim() > 0), 0)
+        digest = zlib.crc32(repr((signature, convention)).encode()) if error is None else 0
+        summary = torch.tensor([0 if error is None else 1, len(tensors), rows, digest], dtype=torch.int64,
+                               device=rdist.comm_device())
+        everyone = [torch.empty_like(summary) for _ in range(self.world_size)]
+        dist.all_gather(everyone, summary)
+        table = [e.tolist() for e in everyone]
+        if all(row == table[0] for row in table) and error is None:
+            return
+        paths = call.tensor_paths() if call is not None else []
+        detail = (None if error is None else f"{type(error).__name__}: {error}",
+                  [(p, tuple(t.shape), str(t.dtype)) for p, t in zip(paths, tensors)], convention)
+        reports = rdist.all_gather_objects(detail)
+        for rank, (message, _, _) in enumerate(reports):
+            if message is not None:
+                if rank == self.rank:
+                    raise error
+                raise ValueError(f"the call was refused on rank {rank}: {message}")
+        raise ValueError(_input_mismatch(reports, 0))  # the same words on every rank
 
-    def _gather_global_batch(self, args: tuple) -> list[torch.Tensor]:
-        """All ranks' local batches concatenated in rank order (the global batch), on every rank."""
+    def _global_batch(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The global batch on every rank: all ranks' local batches concatenated in rank order, or rank 0's
+        batch under gather_inputs=False."""
         if self.world_size == 1:
-            return list(args)
+            return list(tensors)
         comm = rdist.comm_device()
         out = []
-        for a in args:
-            if a.dim() == 0:
-                out.append(a)
-                continue
+        for a in tensors:
             src = a.detach().to(comm).contiguous()
-            parts = [torch.empty_like(src) for _ in range(self.world_size)]
-            dist.all_gather(parts, src)
-            out.append(torch.cat(parts).to(self.device))
-        return out
-
-    def _run(self, batch_args: list[torch.Tensor], local: bool = False) -> torch.Tensor:
-        """`batch_args`: the global batch, or with `local` this rank's rows of it (data parallelism)."""
-        deployment = self._deployment
-        grad = torch.is_grad_enabled()
-        key = (_autocast_key(self.device), grad)
-        rows = batch_args[self._captured.batched_inputs.index(True)].shape[0] if any(
-            self._captured.batched_inputs) else 1
-        batch = rows * self.world_size if local else rows
-        if batch != deployment.batch_size:
-            raise ValueError(f"the global batch has {batch} samples but the deployment was planned for "
-                             f"{deployment.batch_size}; keep the local batch size fixed")
-        chunks = split_batch(batch, deployment.microbatch_count, deployment.replicas)
-        partial = torch.zeros((), dtype=torch.float32, device=self.device)
-        if self._runtime is not None:
-            my_chunks = [row[self._replica] for row in chunks]
-            if local:
-                my_chunks = [Chunk(0, rows, c.weight) for c in my_chunks]
-            self._runtime.keep_graph = FLAGS.keep_graph
-            self._runtime.clear()
-            with dropout_active(self.training and self._dropout_enabled):
-                if grad and deployment.schedule == "1f1b":
-                    results = self._run_interleaved(my_chunks, batch_args, key)
-                else:
-                    results = self._runtime.run_forward(gpipe_forward(deployment.microbatch_count), my_chunks,
-                                                        batch_args, key)
-            for chunk, outputs in results:
-                if len(outputs) != 1 or not isinstance(outputs[0], torch.Tensor) or outputs[0].dim() != 0:
-                    raise TypeError("RaNNCModule runs models whose forward returns one scalar loss; this model "
-                                    f"returns {len(outputs)} value(s) of shapes "
-                                    f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else o for o in outputs]}")
-                partial = partial + outputs[0].detach().float() * chunk.weight
-        if self.world_size > 1:
-            comm = rdist.comm_device()
-            partial = partial.to(comm).reshape(1)
-            dist.all_reduce(partial)
-            partial = partial.to(self.device).reshape(())
-        if not grad:
-            return partial
-        return _PipelineLoss.apply(self._anchor, partial, self)
-
-    def _run_interleaved(self, chunks, batch_args, key):
-        """1F1B: backwards run inside the call with d(loss) = 1; the gradients of this call are kept apart
-        from earlier ones so that loss.backward(g) can scale them by g (gradients are linear in g)."""
-        if FLAGS.keep_graph:
-            raise ValueError("keep_graph(True) needs schedule='gpipe': 1F1B frees each micro-batch's graph as it goes")
-        deployment = self._deployment
-        self._interleaved_before = self._set_aside_grads()
-        stage = deployment.stage_of_rank(self.rank)
-        actions = one_f_one_b(stage, len(deployment.stages), deployment.microbatch_count)
-        ones = torch.ones((), dtype=torch.float32, device=self.device)
-        return self._reducing_gradients(
-            lambda: self._runtime.run_actions(actions, chunks, batch_args, key, ones))
-
-    def _reducing_gradients(self, run_backwards):
-        """Run the backward actions with the gradient all-reduce overlapping them (or after them, or not
-        at all under delay_grad_allreduce)."""
-        overlap = self._reducer is not None and not FLAGS.delay_grad_allreduce and not FLAGS.keep_graph
-        if overlap:
-            self._reducer.begin(self._deployment.microbatch_count)
-        try:
-            result = run_backwards()
-        except BaseException:
-            if overlap:
-                self._reducer.cancel()
-            raise
-        if overlap:
-            self._reducer.finish()
-        elif not FLAGS.delay_grad_allreduce:
-            grad_ops.allreduce_grads(self._placement)
-        return result
-
-    def _set_aside_grads(self) -> dict:
-        before = {}
-        for p in self._placement.local_parameters():
-            if p.grad is not None:
-                before[p] = p.grad
-                p.grad = None
-        return before
-
-    @staticmethod
-    def _add_back(before: dict) -> None:
-        for p, grad in before.items():
-            if p.grad is None:
-                p.grad = grad
+            if not self.config.gather_inputs:
+                dist.broadcast(src, 0)
+                out.append(src.to(self.device))
+            elif a.dim() == 0:
+                out.append(a)
             else:
-                p.grad.add_(grad)
-
-    def _backward(self, grad_output: torch.Tensor) -> None:
-        before = self._interleaved_before
-        if before is not None:
-            # the pipeline already ran its backwards (1F1B); apply d(loss) and restore earlier gradients
-            self._interleaved_before = None
-            if grad_output.item() != 1.0:
-                grads = [p.grad for p in self._placement.local_parameters() if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, grad_output.to(grads[0].device, grads[0].dtype))
-            self._add_back(before)
-            return
-        # Gradients already summed by an earlier backward (accumulation without delay_grad_allreduce) are
-        # identical on every holder: set them aside so only this backward's part is summed, then add back.
-        reduced_before = self._set_aside_grads() if not FLAGS.delay_grad_allreduce else {}
-
-        def run_backwards():
-            if self._runtime is not None:
-                with dropout_active(self.training and self._dropout_enabled):
-                    self._runtime.run_backward(gpipe_backward(self._deployment.microbatch_count),
-                                               grad_output.to(self.device))
-
-        self._reducing_gradients(run_backwards)
-        self._add_back(reduced_before)
+                parts = [torch.empty_like(src) for _ in range(self.world_size)]
+                dist.all_gather(parts, src)
+                out.append(torch.cat(parts).to(self.device))
+        return out
 
     def _require_ready(self, what: str) -> None:
         if self._placement is None:
             raise RuntimeError(f"{what}() needs the deployment, which the first forward call creates")
 
 
-def _shape(row: list[int]) -> tuple[int, ...]:
-    return tuple(row[1:1 + row[0]])
+def _call_flags() -> CallFlags:
+    return CallFlags(FLAGS.delay_grad_allreduce, FLAGS.keep_graph)
 
 
-def _autocast_key(device: torch.device):
-    if torch.is_autocast_enabled(device.type):
-        return str(torch.get_autocast_dtype(device.type))
-    return None
+def _convention(call: CallSignature | None) -> tuple:
+    """How a call passes its arguments: names and non-tensor values (tensors as '<tensor>')."""
+    if call is None:
+        return ()
+    return tuple((path, repr(call.constants[i]) if i in call.constants else "<tensor>")
+                 for i, path in enumerate(call.paths))
+
+
+def _describe_call(convention: tuple) -> str:
+    return "(" + ", ".join(path if value == "<tensor>" else f"{path}={value}" for path, value in convention) + ")"
+
+
+def _input_mismatch(reports: list, base: int) -> str:
+    """The first difference between ranks' inputs, in words."""
+    _, mine, my_convention = reports[base]
+    for rank, (_, theirs, their_convention) in enumerate(reports):
+        if their_convention != my_convention:
+            return (f"rank {base} calls the model with {_describe_call(my_convention)} but rank {rank} with "
+                    f"{_describe_call(their_convention)}; all ranks must call the model the same way (the "
+                    f"same arguments, by position or keyword, and the same non-tensor values)")
+        if len(theirs) != len(mine):
+            return (f"rank {base} passes {len(mine)} tensors ({', '.join(p for p, _, _ in mine)}) but rank {rank} "
+                    f"passes {len(theirs)} ({', '.join(p for p, _, _ in theirs)}); all ranks must call the model "
+                    f"the same way")
+        for (path, shape, dtype), (_, their_shape, their_dtype) in zip(mine, theirs):
+            if dtype != their_dtype:
+                return (f"argument {path} has dtype {dtype} on rank {base} but {their_dtype} on rank {rank}; all "
+                        f"ranks must pass the same dtypes")
+            if len(shape) != len(their_shape) or shape[1:] != their_shape[1:]:
+                return (f"argument {path} has shape {shape} on rank {base} but {their_shape} on rank {rank}; all "
+                        f"ranks must pass the same shapes")
+        for (path, shape, _), (_, their_shape, _) in zip(mine, theirs):
+            if shape and shape[0] != their_shape[0]:
+                return (f"local batch sizes differ: argument {path} has {shape[0]} rows on rank {base} and "
+                        f"{their_shape[0]} on rank {rank}; every rank must pass a local batch of the same size")
+    return "the ranks' inputs differ"
 
 
 def _autocast_dtype(device: torch.device):

@@ -80,14 +80,27 @@ class MultiInput(nn.Module):
         return F.mse_loss(self.head(h).squeeze(-1), y)
 
 
+class ScaledMLP(nn.Module):
+    """Keyword and non-tensor arguments: `scale` is a Python float, `y` may come by keyword."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.fc = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x, y=None, scale: float = 1.0):
+        out = self.head(torch.relu(self.fc(x)) * scale).squeeze(-1)
+        return F.mse_loss(out, y) if y is not None else out
+
+
 def make(name: str) -> nn.Module:
-    return {"mlp": MLP, "bert": TinyBert, "skip": SkipNet, "multi": MultiInput}[name]()
+    return {"mlp": MLP, "bert": TinyBert, "skip": SkipNet, "multi": MultiInput, "scaled": ScaledMLP}[name]()
 
 
 def global_batch(name: str, batch: int, seed: int) -> list[torch.Tensor]:
     """A deterministic global batch for model `name`."""
     g = torch.Generator().manual_seed(seed)
-    if name == "mlp":
+    if name in ("mlp", "scaled"):
         return [torch.randn(batch, 16, generator=g), torch.randn(batch, generator=g)]
     if name == "bert":
         ids = torch.randint(0, 32, (batch, 8), generator=g)

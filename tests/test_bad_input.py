@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rannc
+
 import models
 from distributed import RankError, run_ranks
 
@@ -16,14 +18,31 @@ def _wrapped(**items):
     return rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1), profile_repeats=1, **items)
 
 
-def _call_with_kwargs(rank, world):
-    x, y = models.local_part(models.global_batch("mlp", 8, 0), rank, world)
-    _wrapped()(x, y=y)
+def _call_with_changed_constant(rank, world):
+    x, y = models.local_part(models.global_batch("scaled", 8, 0), rank, world)
+    torch.manual_seed(0)
+    wrapped = rannc.RaNNCModule(models.make("scaled"), profile_repeats=1)
+    wrapped(x, y, scale=2.0).backward()
+    wrapped(x, y, scale=3.0)
 
 
-def _call_with_non_tensor(rank, world):
+def _call_with_object_argument(rank, world):
     x, _ = models.local_part(models.global_batch("mlp", 8, 0), rank, world)
-    _wrapped()(x, 3.0)
+    _wrapped()(x, object())
+
+
+class _UnbatchedOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).sum(0)  # shape (4,): neither a scalar nor batched
+
+
+def _return_unbatched_output(rank, world):
+    import rannc
+    rannc.RaNNCModule(_UnbatchedOutput(), partition_num=2, profile_repeats=1)(torch.randn(4, 4))
 
 
 def _call_with_uneven_batches(rank, world):
@@ -37,16 +56,22 @@ def _errors(fn, world):
     return info.value.errors
 
 
-def test_keyword_arguments_are_refused_on_every_rank():
-    errors = _errors(_call_with_kwargs, 2)
+def test_changed_non_tensor_argument_is_refused_on_every_rank():
+    errors = _errors(_call_with_changed_constant, 2)
     assert sorted(errors) == [0, 1]
-    assert all("does not take keyword arguments" in e and "y=..." in e for e in errors.values())
+    assert all("argument scale was 2.0 when the model was captured and is 3.0 now" in e for e in errors.values())
 
 
-def test_non_tensor_argument_is_refused_on_every_rank():
-    errors = _errors(_call_with_non_tensor, 2)
+def test_argument_of_unsupported_type_is_refused_on_every_rank():
+    errors = _errors(_call_with_object_argument, 2)
     assert sorted(errors) == [0, 1]
-    assert all("takes only tensors; argument 1 is float" in e for e in errors.values())
+    assert all("argument #1 is a object" in e for e in errors.values())
+
+
+def test_output_neither_scalar_nor_batched_is_refused_at_capture_on_every_rank():
+    errors = _errors(_return_unbatched_output, 2)
+    assert sorted(errors) == [0, 1]
+    assert all("output (the whole value) has shape (4,)" in e and "Profil" not in e for e in errors.values())
 
 
 def test_different_local_batch_sizes_fail_on_every_rank():

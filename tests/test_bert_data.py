@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bert.data import corpus
-from bert.data.dataset import IGNORE_INDEX, PretrainingDataset, ShardedBatchLoader, shard_files
+from bert.data.dataset import IGNORE_INDEX, PretrainingDataset, ShardedBatchLoader, masked_lm_slots, shard_files
 from bert.data.instances import InstanceConfig, create_masked_lm_predictions
 from bert.data.prepare import PREP_ARGS_FILE, main, prepare_default_data
 from bert.data.vocab import SPECIAL_TOKENS, Vocab
@@ -251,19 +251,64 @@ def test_prepare_rebuilds_when_arguments_change(text_folder, tmp_path):
 
 def test_samples_come_in_nvidia_training_form(shards):
     dataset = PretrainingDataset(shard_files(shards))
+    full_dataset = PretrainingDataset(shard_files(shards), full_sequence_mlm=True)
     data = read_shards(shards)
-    assert len(dataset) == len(data["input_ids"])
+    assert len(dataset) == len(full_dataset) == len(data["input_ids"])
     for index in (0, len(dataset) // 2, len(dataset) - 1):
-        input_ids, segment_ids, input_mask, labels, nsp = dataset[index]
-        assert all(t.dtype == torch.int64 for t in (input_ids, segment_ids, input_mask, labels, nsp))
-        assert input_ids.shape == labels.shape == (SEQ,) and nsp.shape == ()
+        input_ids, segment_ids, input_mask, positions, ids, nsp = dataset[index]
+        _, _, _, labels, _ = full_dataset[index]
+        assert all(t.dtype == torch.int64 for t in (input_ids, segment_ids, input_mask, positions, ids, labels, nsp))
+        assert input_ids.shape == labels.shape == (SEQ,) and positions.shape == ids.shape == (MAX_PRED,)
+        assert nsp.shape == ()
         assert torch.equal(input_ids, torch.from_numpy(data["input_ids"][index].astype(np.int64)))
-        positions = data["masked_lm_positions"][index]
-        positions = positions[: np.argmax(positions == 0)] if (positions == 0).any() else positions
+        count = int((data["masked_lm_positions"][index] != 0).sum())
+        real = data["masked_lm_positions"][index][:count]
+        assert torch.equal(positions, torch.from_numpy(np.pad(real, (0, MAX_PRED - count)).astype(np.int64)))
+        expected_ids = np.full(MAX_PRED, IGNORE_INDEX)
+        expected_ids[:count] = data["masked_lm_ids"][index][:count]
+        assert torch.equal(ids, torch.from_numpy(expected_ids))
         expected = np.full(SEQ, IGNORE_INDEX)
-        expected[positions] = data["masked_lm_ids"][index][: len(positions)]
+        expected[real] = data["masked_lm_ids"][index][:count]
         assert torch.equal(labels, torch.from_numpy(expected))
         assert int(nsp) == data["next_sentence_labels"][index]
+
+
+def test_masked_slots_and_dense_labels_describe_the_same_predictions(shards):
+    """Over every training sample: the masked head's slots (positions, ids) and the full-sequence head's
+    dense labels hold the same (position, original token) pairs, real slots first, padding slots at
+    position 0 with id -1; both heads therefore count the same tokens in the loss."""
+    dataset = PretrainingDataset(shard_files(shards))
+    full_dataset = PretrainingDataset(shard_files(shards), full_sequence_mlm=True)
+    indices = np.arange(len(dataset))
+    input_ids, segment_ids, input_mask, positions, ids, nsp = dataset.batch(indices)
+    full_input_ids, full_segment_ids, full_input_mask, labels, full_nsp = full_dataset.batch(indices)
+    for same, full in ((input_ids, full_input_ids), (segment_ids, full_segment_ids), (input_mask, full_input_mask),
+                       (nsp, full_nsp)):
+        assert torch.equal(same, full)
+    assert positions.shape == ids.shape == (len(dataset), MAX_PRED)
+
+    real = ids != IGNORE_INDEX
+    assert torch.equal(real, positions != 0)
+    assert (real[:, :-1] >= real[:, 1:]).all()  # real slots first, then padding
+    assert (ids[real] >= 0).all() and (positions < input_mask.sum(1, keepdim=True))[real].all()
+    assert torch.equal(real.sum(1), (labels != IGNORE_INDEX).sum(1))
+    # Scattering the slots gives the dense labels exactly (padding slots scatter nothing: they hit [CLS]).
+    rebuilt = torch.full_like(labels, IGNORE_INDEX)
+    rebuilt.scatter_(1, positions, torch.where(real, ids, IGNORE_INDEX))
+    assert torch.equal(rebuilt, labels)
+    assert torch.equal(torch.gather(labels, 1, positions)[real], ids[real])
+    # The ids are the original tokens under the masks.
+    tokens = torch.from_numpy(original_tokens(read_shards(shards)).astype(np.int64))
+    assert torch.equal(torch.gather(tokens, 1, positions)[real], ids[real])
+
+
+def test_masked_lm_slots_read_positions_up_to_the_first_zero():
+    positions = np.array([[3, 7, 9], [5, 0, 0], [4, 0, 8]], dtype=np.int32)  # the last: a gap, not a prediction
+    ids = np.array([[11, 12, 13], [14, 0, 0], [15, 0, 16]], dtype=np.int32)
+    slot_positions, slot_ids = masked_lm_slots(positions, ids)
+    assert slot_positions.dtype == slot_ids.dtype == np.int64
+    np.testing.assert_array_equal(slot_positions, [[3, 7, 9], [5, 0, 0], [4, 0, 0]])
+    np.testing.assert_array_equal(slot_ids, [[11, 12, 13], [14, -1, -1], [15, -1, -1]])
 
 
 def test_rank_batches_are_slices_of_the_world_size_one_global_batch(shards):
@@ -276,7 +321,7 @@ def test_rank_batches_are_slices_of_the_world_size_one_global_batch(shards):
     for step in range(steps):
         expected = next(single)
         parts = [next(loader) for loader in ranks]
-        for field in range(5):
+        for field in range(len(expected)):
             assert torch.equal(torch.cat([p[field] for p in parts]), expected[field])
         if step < single.steps_per_epoch:
             first_epoch_rows.append(expected[0])

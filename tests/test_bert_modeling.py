@@ -1,5 +1,5 @@
-"""Tests for bert/modeling.py: config files, shapes, the tied decoder, torch.export capture and the
-Megatron options, all on tiny models on the CPU."""
+"""Tests for bert/modeling.py: config files, shapes, the tied decoder, torch.export capture, the masked
+MLM head against the seed's full-sequence head, and the Megatron options, all on tiny models on the CPU."""
 
 import copy
 import dataclasses
@@ -20,6 +20,7 @@ from bert.modeling import (
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "bert" / "configs"
 BATCH_SIZE, SEQ_LEN = 2, 16
+MAX_PREDICTIONS = 5  # prediction slots per sequence, more than make_batch's 3 labels: padding slots too
 
 
 def tiny_config(**overrides) -> BertConfig:
@@ -43,6 +44,19 @@ def make_batch(config: BertConfig, seed: int = 0) -> tuple[torch.Tensor, ...]:
     masked_lm_labels[:, 1:4] = input_ids[:, 1:4]
     next_sentence_labels = torch.tensor([0, 1])
     return input_ids, token_type_ids, attention_mask, masked_lm_labels, next_sentence_labels
+
+
+def to_masked_batch(batch: tuple[torch.Tensor, ...], max_predictions: int = MAX_PREDICTIONS) -> tuple:
+    """The default head's form of a make_batch batch: each row's labelled positions (ascending) and their
+    ids, padded to max_predictions slots with position 0 and id -1, as bert.data yields them."""
+    input_ids, token_type_ids, attention_mask, masked_lm_labels, next_sentence_labels = batch
+    masked_lm_positions = torch.zeros(len(masked_lm_labels), max_predictions, dtype=torch.long)
+    masked_lm_ids = torch.full_like(masked_lm_positions, -1)
+    for row, labels in enumerate(masked_lm_labels):
+        labelled = torch.nonzero(labels != -1).flatten()
+        masked_lm_positions[row, : len(labelled)] = labelled
+        masked_lm_ids[row, : len(labelled)] = labels[labelled]
+    return input_ids, token_type_ids, attention_mask, masked_lm_positions, masked_lm_ids, next_sentence_labels
 
 
 @pytest.mark.parametrize("config_name", ["bert_tiny", "bert_base", "bert_large", "bert_4.9b"])
@@ -89,7 +103,7 @@ def test_tied_weight_gradient_is_sum_of_embedding_and_decoder_gradients():
     tied_model = BertForPreTrainingWithCriterion(config)
     untied_model = copy.deepcopy(tied_model)
     untied_model.mlm_head.decoder.weight = nn.Parameter(tied_model.embeddings.word_embeddings.weight.clone())
-    batch = make_batch(config)
+    batch = to_masked_batch(make_batch(config))
 
     tied_model(*batch).backward()
     untied_model(*batch).backward()
@@ -102,11 +116,12 @@ def test_tied_weight_gradient_is_sum_of_embedding_and_decoder_gradients():
     )
 
 
-def test_export_non_strict_in_train_mode_matches_eager_loss_and_gradients():
+@pytest.mark.parametrize("full_sequence_mlm", [False, True], ids=["masked_positions", "full_sequence"])
+def test_export_non_strict_in_train_mode_matches_eager_loss_and_gradients(full_sequence_mlm):
     torch.manual_seed(0)
     config = deterministic_tiny_config()
-    model = BertForPreTrainingWithCriterion(config).train()
-    batch = make_batch(config)
+    model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=full_sequence_mlm).train()
+    batch = make_batch(config) if full_sequence_mlm else to_masked_batch(make_batch(config))
 
     exported = torch.export.export(model, batch, strict=False)
 
@@ -128,6 +143,85 @@ def test_export_non_strict_in_train_mode_matches_eager_loss_and_gradients():
         torch.testing.assert_close(parameter.grad, eager_grads[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_masked_head_scores_the_full_sequence_logits_at_the_positions():
+    torch.manual_seed(0)
+    config = deterministic_tiny_config(vocab_size=8190)
+    model = BertForPreTraining(config).eval()
+    input_ids, token_type_ids, attention_mask, _, _ = make_batch(config)
+    masked_lm_positions = torch.tensor([[1, 5, 15, 0, 0], [2, 3, 11, 9, 0]])  # any order; 0 pads
+
+    with torch.no_grad():
+        masked_scores, masked_nsp = model(input_ids, token_type_ids, attention_mask, masked_lm_positions)
+        full_scores, full_nsp = model(input_ids, token_type_ids, attention_mask)
+
+    assert masked_scores.shape == (BATCH_SIZE, MAX_PREDICTIONS, 8192)  # fixed: slots, not real predictions
+    expected = full_scores[torch.arange(BATCH_SIZE)[:, None], masked_lm_positions]
+    torch.testing.assert_close(masked_scores, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked_nsp, full_nsp, rtol=0, atol=0)
+
+
+def test_masked_head_gives_the_full_sequence_head_loss_and_gradients():
+    """The default head transforms and decodes only the masked positions; on the same batch and weights
+    (fp32, dropout off) its loss and every parameter's gradient equal the seed's full-sequence head's. The
+    rows have different counts of labels (5 and 2 of 5 slots): the MLM loss stays the mean over all
+    labelled tokens of the batch, whatever the padding."""
+    torch.manual_seed(0)
+    config = deterministic_tiny_config()
+    masked_model = BertForPreTrainingWithCriterion(config).train()
+    full_model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=True).train()
+    full_model.load_state_dict(masked_model.state_dict())
+    input_ids, token_type_ids, attention_mask, _, next_sentence_labels = make_batch(config)
+    masked_lm_labels = torch.full((BATCH_SIZE, SEQ_LEN), -1)
+    for row, positions in enumerate(([1, 4, 7, 10, 15], [2, 9])):
+        masked_lm_labels[row, positions] = input_ids[row, positions]
+    full_batch = (input_ids, token_type_ids, attention_mask, masked_lm_labels, next_sentence_labels)
+    masked_batch = to_masked_batch(full_batch)
+    assert masked_batch[3].tolist() == [[1, 4, 7, 10, 15], [2, 9, 0, 0, 0]]
+    assert masked_batch[4][1, 2:].tolist() == [-1, -1, -1]
+
+    masked_loss = masked_model(*masked_batch)
+    full_loss = full_model(*full_batch)
+    masked_loss.backward()
+    full_loss.backward()
+
+    torch.testing.assert_close(masked_loss, full_loss, rtol=0, atol=1e-6)
+    full_parameters = dict(full_model.named_parameters())
+    assert full_parameters.keys() == dict(masked_model.named_parameters()).keys()
+    for name, parameter in masked_model.named_parameters():
+        assert parameter.grad.abs().sum() > 0, name
+        torch.testing.assert_close(parameter.grad, full_parameters[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_masked_head_ignores_padding_slots_whatever_their_id():
+    """NVIDIA's shards pad masked_lm_ids with 0 ([PAD]) where bert.data puts -1; a slot at position 0
+    ([CLS], never masked) is padding either way."""
+    torch.manual_seed(0)
+    config = deterministic_tiny_config()
+    model = BertForPreTrainingWithCriterion(config).eval()
+    batch = to_masked_batch(make_batch(config))
+    masked_lm_ids, next_sentence_labels = batch[4], batch[5]
+    zero_padded = masked_lm_ids.masked_fill(masked_lm_ids == -1, 0)
+    assert (zero_padded == 0).sum() == 4  # 2 padding slots per row
+
+    with torch.no_grad():
+        loss = model(*batch)
+        raw_loss = model(*batch[:4], zero_padded, next_sentence_labels)
+        # Taken at face value, the 0s would be 4 more predictions (of [PAD] at [CLS]).
+        scores, nsp_scores = BertForPreTraining.forward(model, *batch[:4])
+        counted_loss = model.criterion(scores, nsp_scores, zero_padded, next_sentence_labels)
+    torch.testing.assert_close(raw_loss, loss, rtol=0, atol=0)
+    assert abs(counted_loss - loss) > 1e-3
+
+
+def test_each_head_names_its_inputs_when_given_the_other_heads_batch():
+    config = tiny_config()
+    batch = make_batch(config)
+    with pytest.raises(TypeError, match=r"masked_lm_positions, masked_lm_ids, next_sentence_labels: 6 tensors, got 5"):
+        BertForPreTrainingWithCriterion(config)(*batch)
+    with pytest.raises(TypeError, match=r"full_sequence_mlm=True\) takes .*masked_lm_labels, next_sentence_labels: 5"):
+        BertForPreTrainingWithCriterion(config, full_sequence_mlm=True)(*to_masked_batch(batch))
+
+
 def test_scale_query_key_matches_plain_attention_in_fp32():
     torch.manual_seed(0)
     config = deterministic_tiny_config(num_hidden_layers=3)  # layer numbers 1..3 all exercised
@@ -147,10 +241,47 @@ def test_megatron_residual_connection_builds_and_trains():
     config = tiny_config(megatron_residual_connection=True, scale_query_key=True, deep_weight_init=True)
     model = BertForPreTrainingWithCriterion(config).train()
     assert isinstance(model.encoder.final_layer_norm, nn.LayerNorm)
-    loss = model(*make_batch(config))
+    loss = model(*to_masked_batch(make_batch(config)))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(parameter.grad is not None for parameter in model.parameters())
+
+
+def test_megatron_residual_connection_drops_the_embedding_layer_norm():
+    """As in RaNNC's BERT example: under the option the embedding sum is not normalised (the first
+    layer's pre-LayerNorm does it), so the embeddings own no LayerNorm parameters at all."""
+    torch.manual_seed(0)
+    config = deterministic_tiny_config(megatron_residual_connection=True)
+    model = BertForPreTraining(config).train()  # train mode: dropout is off only through the config
+    embeddings = model.embeddings
+    assert not any(isinstance(module, nn.LayerNorm) for module in embeddings.modules())
+    assert sorted(name for name, _ in embeddings.named_parameters()) == [
+        "position_embeddings.weight",
+        "token_type_embeddings.weight",
+        "word_embeddings.weight",
+    ]
+    input_ids, token_type_ids, _, _, _ = make_batch(config)
+
+    expected = (
+        embeddings.word_embeddings.weight[input_ids]
+        + embeddings.position_embeddings.weight[:SEQ_LEN]
+        + embeddings.token_type_embeddings.weight[token_type_ids]
+    )
+    torch.testing.assert_close(embeddings(input_ids, token_type_ids), expected, rtol=0, atol=0)
+
+
+def test_post_layer_norm_bert_keeps_the_embedding_layer_norm():
+    torch.manual_seed(0)
+    config = deterministic_tiny_config()
+    embeddings = BertForPreTraining(config).embeddings
+    assert isinstance(embeddings.layer_norm, nn.LayerNorm)
+    input_ids, token_type_ids, _, _, _ = make_batch(config)
+    output = embeddings(input_ids, token_type_ids)
+    # LayerNorm with its initial weight 1 and bias 0: zero mean and unit variance per position.
+    torch.testing.assert_close(output.mean(-1), torch.zeros(BATCH_SIZE, SEQ_LEN), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        output.var(-1, unbiased=False), torch.ones(BATCH_SIZE, SEQ_LEN), rtol=0, atol=1e-3
+    )
 
 
 def test_deep_weight_init_shrinks_output_projections_only():
@@ -176,6 +307,24 @@ def test_4_9b_config_has_4_9_billion_parameters():
     parameter_count = count_parameters(model)
     print(f"bert_4.9b parameters: {parameter_count:,}")
     assert parameter_count == pytest.approx(4.9e9, abs=0.1e9)
+
+    # Exactly the seed's model: RaNNC's BERT example with its Megatron options (no embedding LayerNorm,
+    # pre-LN layers, one LayerNorm after the last layer), vocab padded to 30,528, decoder tied.
+    hidden, intermediate, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    embeddings = (config.padded_vocab_size + config.max_position_embeddings + config.type_vocab_size) * hidden
+    per_layer = (
+        4 * (hidden * hidden + hidden)  # query, key, value, attention output
+        + (hidden * intermediate + intermediate)
+        + (intermediate * hidden + hidden)
+        + 2 * 2 * hidden  # pre-LN of the attention and of the MLP
+    )
+    final_layer_norm = 2 * hidden
+    pooler = hidden * hidden + hidden
+    mlm_head = (hidden * hidden + hidden) + 2 * hidden + config.padded_vocab_size  # transform, LN, bias
+    nsp_head = 2 * hidden + 2
+    expected = embeddings + layers * per_layer + final_layer_norm + pooler + mlm_head + nsp_head
+    assert expected == 4_906_403_650
+    assert parameter_count == expected
 
 
 def test_criterion_ignores_minus_one_labels():

@@ -1,6 +1,6 @@
 """bert/pretrain.py end to end on gloo ranks: the tiny model learns, pipeline training equals single-process
-training, a stopped and resumed run equals an uninterrupted one, and a crash while writing a checkpoint
-leaves the previous ones whole."""
+training, the seed's full-sequence MLM head trains as the default masked head does, a stopped and resumed run
+equals an uninterrupted one, and a crash while writing a checkpoint leaves the previous ones whole."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from distributed import RankError, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 # rannc weighs micro-batch losses by rows, and BERT's MLM loss is a mean over each micro-batch's masked tokens,
-# so the loss of a global batch depends on how it is cut. Fixing the micro-batch count makes the cut the same
-# in runs that are compared.
+# so the loss of a global batch depends on how it is cut. The masked head keeps this so: every sample has
+# max_predictions_per_seq prediction slots, but only round(0.15 x length) of them hold a label (at most 19 of 20
+# at seq 128; padding slots are ignored), so micro-batches still differ in their label counts. Fixing the
+# micro-batch count makes the cut the same in runs that are compared.
 TWO_MICROBATCHES = {"RANNC_MIN_PIPELINE": "2", "RANNC_MAX_PIPELINE": "2"}
 
 
@@ -69,6 +71,20 @@ def test_pipeline_of_two_stages_matches_single_process(data_dir, tmp_path):
     assert len(pipeline["losses"]) == len(single["losses"]) == 20
     assert single["losses"][-1] < single["losses"][0] - 0.1  # it trains, so later steps test the updates too
     torch.testing.assert_close(torch.tensor(pipeline["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+
+
+def test_full_sequence_mlm_head_gives_the_default_heads_losses(data_dir, tmp_path):
+    """--full_sequence_mlm (the seed's head: every position scored, dense labels) against the default head (the
+    masked positions only), same data and weights, dropout off, one process: 5 equal step losses. The two
+    heads' losses and gradients agree to rounding (tests/test_bert_modeling.py); this checks the flag's path
+    through the loader and the model."""
+    common = ("--max_steps", "5", "--train_batch_size", "8", "--no_dropout", "--skip_checkpoint")
+    runs = [_args(data_dir, tmp_path / "masked", *common),
+            _args(data_dir, tmp_path / "full", *common, "--full_sequence_mlm")]
+    [[masked, full]] = run_ranks(_pretrain, 1, runs, timeout=300, env=TWO_MICROBATCHES)
+    assert masked["rannc_plan"] == full["rannc_plan"] == {"stages": 1, "replicas": 1, "microbatches": 2}
+    assert len(masked["losses"]) == len(full["losses"]) == 5
+    torch.testing.assert_close(torch.tensor(masked["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=0)
 
 
 def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from rannc.config import ConfigError, RannConfig, load_config
+from rannc import config as config_module
+from rannc.config import UPSTREAM_ONLY, ConfigError, RannConfig, load_config, show_items
 
 
 def test_defaults_are_rannc_defaults(tmp_path):
@@ -51,3 +54,80 @@ def test_replace_validates():
     with pytest.raises(ConfigError, match="partition_nmu"):
         RannConfig().replace(partition_nmu=2)
     assert RannConfig().replace(partition_num="3").partition_num == 3
+
+
+def test_show_config_items_is_an_item(tmp_path):
+    config = load_config({"RANNC_CONF_DIR": str(tmp_path), "RANNC_SHOW_CONFIG_ITEMS": "true",
+                          "RANNC_SYNC_ALLREDUCE": "true", "RANNC_PARTITION_NUM": "2"})
+    assert config.show_config_items is True and config.sync_allreduce is True
+    text = show_items(config)
+    for name in RannConfig.item_names():
+        assert name in text
+    assert "partition_num" in text and "= 2  (default 0)" in text
+
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    monkeypatch.setattr(config_module, "_WARNED", set())
+
+
+def _notices(caplog, item):
+    return [r for r in caplog.records if r.name == "rannc.config" and f"'{item}'" in r.getMessage()]
+
+
+def test_upstream_only_item_warns_once(tmp_path, caplog, fresh_notices):
+    (tmp_path / "rannc_conf.toml").write_text("checkpointing = true\ndecomposer = \"ml_part\"\n")
+    env = {"RANNC_CONF_DIR": str(tmp_path), "RANNC_PROFILING_ITER": "2", "RANNC_PIPELINE_NUM": "4"}
+    with caplog.at_level(logging.WARNING, logger="rannc.config"):
+        first = load_config(env)
+        load_config(env)
+        RannConfig().replace(checkpointing=True, run_watchdog=True)
+    assert first == RannConfig()  # no effect
+    for item, closest in [("checkpointing", "recompute"), ("decomposer", None), ("profiling_iter", "profile_repeats"),
+                          ("pipeline_num", None), ("run_watchdog", "comm_timeout_s")]:
+        records = _notices(caplog, item)
+        assert len(records) == 1, (item, [r.getMessage() for r in records])
+        message = records[0].getMessage()
+        assert "RaNNC's" in message and "no effect" in message
+        assert (f"'{closest}'" in message) if closest else ("no counterpart" in message)
+
+
+def test_upstream_only_names_are_upstream_items():
+    assert not set(UPSTREAM_ONLY) & set(RannConfig.item_names())
+    assert all(v is None or v in RannConfig.item_names() for v in UPSTREAM_ONLY.values())
+
+
+def test_typo_of_upstream_item_still_fails(tmp_path, fresh_notices):
+    with pytest.raises(ConfigError, match="RANNC_CHECKPOINTNG.*'checkpointing'.*'recompute'"):
+        load_config({"RANNC_CONF_DIR": str(tmp_path), "RANNC_CHECKPOINTNG": "1"})
+    with pytest.raises(ConfigError, match="show_config_item'.*show_config_items"):
+        RannConfig().replace(show_config_item=True)
+
+
+def test_load_deployment_path(tmp_path):
+    config = RannConfig().replace(load_deployment="/data/plan.json")
+    assert config.load_deployment is True and config.deployment_file == "/data/plan.json"
+    config = RannConfig().replace(load_deployment=tmp_path / "p.json")
+    assert config.load_deployment is True and config.deployment_file == str(tmp_path / "p.json")
+    config = RannConfig().replace(load_deployment=None)
+    assert config.load_deployment is False and config.deployment_file == RannConfig().deployment_file
+    assert RannConfig().replace(load_deployment="true").deployment_file == RannConfig().deployment_file
+    assert RannConfig().replace(load_deployment="/a.json", deployment_file="/a.json").deployment_file == "/a.json"
+    with pytest.raises(ConfigError, match="load_deployment.*deployment_file"):
+        RannConfig().replace(load_deployment="/a.json", deployment_file="/b.json")
+    with pytest.raises(ConfigError, match="load_deployment"):
+        RannConfig().replace(load_deployment="")
+    (tmp_path / "rannc_conf.toml").write_text('load_deployment = "/data/from_file.json"\n')
+    config = load_config({"RANNC_CONF_DIR": str(tmp_path)})
+    assert config.load_deployment is True and config.deployment_file == "/data/from_file.json"
+
+
+def test_gather_inputs_item():
+    assert RannConfig().gather_inputs is True
+    assert RannConfig().replace(gather_inputs=False).gather_inputs is False
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_comm_timeout_must_be_positive(value):
+    with pytest.raises(ConfigError, match="comm_timeout_s.*> 0"):
+        RannConfig().replace(comm_timeout_s=value)

@@ -1,5 +1,5 @@
-"""Evaluation under no_grad, enable_dropout, autocast, keep_graph, and HF transformers' BERT, each
-against single-process results."""
+"""Evaluation under no_grad, enable_dropout, autocast and keep_graph, each against single-process results.
+Hugging Face transformers models, called directly, are in test_hf_models.py."""
 
 from __future__ import annotations
 
@@ -99,65 +99,3 @@ def _keep_graph(rank, world):
 def test_keep_graph_allows_a_second_backward():
     for norm, ref_norm, _ in run_ranks(_keep_graph, 2, timeout=180):
         assert abs(norm - ref_norm) < 1e-5 * ref_norm
-
-
-class HFPretraining(nn.Module):
-    """The user's adapter: HF's model unmodified, called with keywords, returning its loss."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                          labels=labels, next_sentence_label=next_sentence_label).loss
-
-
-def _hf_model():
-    from transformers import BertConfig, BertForPreTraining
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(11)
-    return HFPretraining(BertForPreTraining(config))
-
-
-def _hf_batch(step):
-    g = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, 64, (8, 16), generator=g)
-    return [ids, torch.ones(8, 16, dtype=torch.long), torch.zeros(8, 16, dtype=torch.long),
-            torch.randint(0, 64, (8, 16), generator=g), torch.randint(0, 2, (8,), generator=g)]
-
-
-def _hf_train(rank, world):
-    import rannc
-    model = _hf_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=2, profile_repeats=1)
-    losses = []
-    for step in range(4):
-        loss = wrapped(*models.local_part(_hf_batch(step), rank, world))
-        loss.backward()
-        wrapped.clip_grad_norm(1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, wrapped.state_dict()
-
-
-def test_hf_transformers_bert_trains_under_rannc():
-    results = run_ranks(_hf_train, 2, timeout=300)
-    model = _hf_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ref_losses = []
-    for step in range(4):
-        loss = model(*_hf_batch(step))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        ref_losses.append(loss.item())
-    losses, state = results[0]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -13,7 +13,7 @@ from rannc.plan.deployment import Deployment, DeploymentError, show_deployment
 from rannc.plan.planner import PlanningError, plan
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
 from rannc.runtime.chunks import split_batch
-from rannc.runtime.schedule import gpipe_backward, gpipe_forward, in_flight, one_f_one_b
+from rannc.schedule import gpipe_backward, gpipe_forward, in_flight, one_f_one_b
 
 GB = 10**9
 

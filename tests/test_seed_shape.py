@@ -18,7 +18,7 @@ def _model():
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     config.num_hidden_layers = 4
     torch.manual_seed(21)
-    return BertForPreTrainingWithCriterion(config)
+    return BertForPreTrainingWithCriterion(config, full_sequence_mlm=True)
 
 
 def _batch(step):

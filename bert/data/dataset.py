@@ -1,6 +1,8 @@
 """Loader for the HDF5 shards: samples in NVIDIA's training form, and seeded, resumable, rank-split batches.
 
 Every global batch is one slice of a per-epoch permutation of all samples; rank r takes rows r*b..(r+1)*b-1.
+Samples carry the MLM targets the model's head needs: the masked positions and their ids (B x
+max_predictions_per_seq, the default head), or dense B x S labels (`full_sequence_mlm`, the seed's head).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 SHARD_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
               "next_sentence_labels")
-IGNORE_INDEX = -1  # NVIDIA's CrossEntropyLoss(ignore_index=-1) for unmasked positions
+IGNORE_INDEX = -1  # NVIDIA's CrossEntropyLoss(ignore_index=-1) for unmasked positions and padding slots
 
 
 def shard_files(input_dir: str | Path, split: str = "training") -> list[Path]:
@@ -31,10 +33,15 @@ class PretrainingDataset:
 
     Only shard lengths are read up front; a shard's arrays are decompressed whole on its first use and
     kept, since random rows of a gzip dataset would cost a chunk decompression each.
+
+    A sample is [input_ids, segment_ids, input_mask, masked_lm_positions, masked_lm_ids,
+    next_sentence_labels] (`masked_lm_slots`), or with `full_sequence_mlm` [input_ids, segment_ids,
+    input_mask, masked_lm_labels, next_sentence_labels] (`masked_lm_labels`), the seed's form.
     """
 
-    def __init__(self, files: list[str | Path]):
+    def __init__(self, files: list[str | Path], full_sequence_mlm: bool = False):
         self.files = [Path(f) for f in files]
+        self.full_sequence_mlm = full_sequence_mlm
         lengths = []
         for path in self.files:
             with h5py.File(path, "r") as f:
@@ -46,7 +53,7 @@ class PretrainingDataset:
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
-        """One sample: [input_ids, segment_ids, input_mask, masked_lm_labels, next_sentence_labels]."""
+        """One sample, in the form the class docstring gives."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
         return [t[0] for t in self.batch(np.array([index]))]
@@ -63,9 +70,13 @@ class PretrainingDataset:
                 if key not in data:
                     data[key] = np.empty((len(indices), *array.shape[1:]), dtype=np.int64)
                 data[key][selected] = array[local]
-        labels = masked_lm_labels(data["masked_lm_positions"], data["masked_lm_ids"], data["input_ids"].shape[1])
+        if self.full_sequence_mlm:
+            targets = (masked_lm_labels(data["masked_lm_positions"], data["masked_lm_ids"],
+                                        data["input_ids"].shape[1]),)
+        else:
+            targets = masked_lm_slots(data["masked_lm_positions"], data["masked_lm_ids"])
         return tuple(torch.from_numpy(a) for a in (data["input_ids"], data["segment_ids"], data["input_mask"],
-                                                   labels, data["next_sentence_labels"]))
+                                                   *targets, data["next_sentence_labels"]))
 
     def _shard(self, shard: int) -> dict[str, np.ndarray]:
         if shard not in self._shards:
@@ -74,20 +85,34 @@ class PretrainingDataset:
         return self._shards[shard]
 
 
-def masked_lm_labels(positions: np.ndarray, ids: np.ndarray, seq_length: int) -> np.ndarray:
-    """Dense [N, S] labels: -1 everywhere except the original ids at the masked positions.
+def real_predictions(positions: np.ndarray) -> np.ndarray:
+    """[N, P] True for the slots that hold a prediction. Positions are read up to the first 0: position 0
+    is [CLS], never masked, so 0 means padding (NVIDIA's shards pad both arrays with 0)."""
+    return np.cumprod(positions != 0, axis=1).astype(bool)
 
-    Positions are read up to the first 0: position 0 is [CLS], never masked, so 0 means padding."""
+
+def masked_lm_slots(positions: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The masked head's fixed-shape [N, P] targets: the positions, 0 in padding slots (a valid index to
+    gather, [CLS]), and the original ids, -1 (ignored by the loss) in padding slots."""
+    valid = real_predictions(positions)
+    return (np.where(valid, positions, 0).astype(np.int64),
+            np.where(valid, ids, IGNORE_INDEX).astype(np.int64))
+
+
+def masked_lm_labels(positions: np.ndarray, ids: np.ndarray, seq_length: int) -> np.ndarray:
+    """Dense [N, S] labels (the full-sequence head's): -1 everywhere except the original ids at the masked
+    positions."""
     labels = np.full((positions.shape[0], seq_length), IGNORE_INDEX, dtype=np.int64)
-    valid = np.cumprod(positions != 0, axis=1).astype(bool)
+    valid = real_predictions(positions)
     rows = np.nonzero(valid)[0]
     labels[rows, positions[valid]] = ids[valid]
     return labels
 
 
 class ShardedBatchLoader:
-    """Endless local batches for one rank: (input_ids, segment_ids, input_mask, masked_lm_labels,
-    next_sentence_labels), int64 tensors of local_batch_size rows.
+    """Endless local batches for one rank: (input_ids, segment_ids, input_mask, masked_lm_positions,
+    masked_lm_ids, next_sentence_labels), or with `full_sequence_mlm` (input_ids, segment_ids, input_mask,
+    masked_lm_labels, next_sentence_labels); int64 tensors of local_batch_size rows.
 
     Each epoch draws a permutation of all training samples from (seed, epoch) and cuts it into global
     batches of local_batch_size * world_size, dropping the tail. The state counts global batches, so
@@ -95,10 +120,10 @@ class ShardedBatchLoader:
     """
 
     def __init__(self, input_dir: str | Path, local_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, split: str = "training"):
+                 seed: int = 0, split: str = "training", full_sequence_mlm: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
-        self.dataset = PretrainingDataset(shard_files(input_dir, split))
+        self.dataset = PretrainingDataset(shard_files(input_dir, split), full_sequence_mlm)
         self.local_batch_size = local_batch_size
         self.rank = rank
         self.world_size = world_size

@@ -1,5 +1,8 @@
 """Capture `model.forward` with the first call's inputs as an fx graph (torch.export, non-strict).
 
+The call may use keywords, constants and return any structure (`signature.py` maps both ends); the graph
+itself takes and returns flat tensors.
+
 The graph keeps the user's parameter objects (so the user's optimizer still refers to them), has one
 node per tensor operation, a symbolic batch dimension on every batched input (so any micro-batch size
 runs through it), and dropout routed through switches that `enable_dropout` and `eval()` control.
@@ -19,6 +22,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from rannc.graph import dropout as dropout_ops
+from rannc.graph.signature import CallSignature, OutputSignature, SignatureError
 
 
 class CaptureError(RuntimeError):
@@ -30,9 +34,10 @@ class CapturedGraph:
     """The model as one fx graph plus what the runtime needs to feed and read it."""
 
     gm: fx.GraphModule
-    input_names: list[str]               # placeholders, in the order of the forward's arguments
+    input_names: list[str]               # placeholders: the call's tensors, in CallSignature order
     batched_inputs: list[bool]           # inputs split along dim 0 (0-dim tensors are broadcast)
-    out_spec: Any                        # pytree spec of the forward's result
+    call: CallSignature                  # the user's calling convention -> the graph's inputs
+    outputs: OutputSignature             # the graph's outputs -> the user's result
     fingerprint: str                     # identifies graph + parameter shapes + input shapes
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> first state_dict name
 
@@ -40,33 +45,82 @@ class CapturedGraph:
         return list(next(n for n in self.gm.graph.nodes if n.op == "output").args[0])
 
 
+class _FlatCall(nn.Module):
+    """The model called with the graph's flat tensor inputs, returning the tensor leaves of its result:
+    what torch.export traces, so that keyword arguments, constants and structured results need no
+    support from export. The output structure is recorded while tracing."""
+
+    def __init__(self, model: nn.Module, call: CallSignature, recorded: list):
+        super().__init__()
+        self.model = model
+        self.call = call
+        self.record = recorded.append   # export may trace a deep copy of this module; the list stays shared
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = self.call.rebuild(tensors)
+        result = self.model(*args, **kwargs)
+        signature, leaves = OutputSignature.of(result)
+        self.record(signature)
+        return tuple(leaves)
+
+
 def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
-    return tuple({0: Dim.AUTO} if a.dim() > 0 else {} for a in args)
+    return (tuple({0: Dim.AUTO} if a.dim() > 0 else None for a in args),)
 
 
 @contextlib.contextmanager
 def _capture_mode(model: nn.Module):
     """Trace in train mode with autograd on and autocast off: the graph must hold dropout ops and fp32
-    ops; autocast is applied again when the stages run."""
+    ops; autocast is applied again when the stages run. Buffers (BatchNorm's running statistics) are put
+    back afterwards: tracing must not count as a training step."""
     was_training = model.training
     model.train()
     try:
-        with torch.enable_grad(), torch.autocast("cpu", enabled=False), (
+        with preserved_state(model), torch.enable_grad(), torch.autocast("cpu", enabled=False), (
                 torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()):
             yield
     finally:
         model.train(was_training)
 
 
-def capture(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: bool = True) -> CapturedGraph:
-    """Export `model.forward(*args)`; raise CaptureError naming the failing operation.
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Put the model's buffers and its parameters' gradients back as they were after the enclosed work
+    (capture and profiling run the model; neither may count as a training step)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.grad = None   # profiling's backward accumulates into fresh tensors, not into these
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        for p, g in grads:
+            p.grad = g
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_batch: bool = True) -> CapturedGraph:
+    """Export `model(*args, **kwargs)`; raise CaptureError naming the failing operation.
 
     `dynamic_batch=False` fixes the batch size (three times faster to export; enough for a dry-run plan,
     which only reads shapes)."""
+    call = CallSignature.of(tuple(args), dict(kwargs or {}))
+    tensors = tuple(call.tensors(tuple(args), dict(kwargs or {})))
+    batched = [t.dim() > 0 for t in tensors]
+    sizes = {path: t.shape[0] for path, t, b in zip(call.tensor_paths(), tensors, batched) if b}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{p}: {n}" for p, n in sizes.items())
+        raise CaptureError(f"the tensor arguments have different first dimensions ({listed}); rannc splits every "
+                           f"tensor of at least one dimension along its first dimension, the batch: pass "
+                           f"per-sample tensors only (0-dim tensors are passed whole)")
+    recorded: list[OutputSignature] = []
+    flat = _FlatCall(model, call, recorded)
     with _capture_mode(model):
         try:
-            shapes = _dynamic_shapes(args) if dynamic_batch else None
-            exported = torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
+            shapes = _dynamic_shapes(tensors) if dynamic_batch else None
+            exported = torch.export.export(flat, tensors, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # export raises many types; all mean "cannot capture"
             text = str(exc).strip()
             lines = text.splitlines()
@@ -75,13 +129,26 @@ def capture(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: boo
                 f"rannc could not capture {type(model).__name__}.forward with torch.export (non-strict): "
                 f"{type(exc).__name__}: {summary}\nrannc needs a forward without data-dependent Python "
                 f"control flow on tensor values; see the operation and source line named above.") from exc
+    outputs = recorded[0] if recorded else None
+    if outputs is None or not outputs.tensor_slots:
+        raise CaptureError(f"{type(model).__name__}.forward returns no tensor; rannc needs a loss or batched "
+                           f"outputs to return")
     gm = exported.module()
-    out_spec = gm._out_spec
     _clean(gm)
     dropout_ops.route_dropout(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(args):
-        raise CaptureError(f"captured graph has {len(placeholders)} inputs but forward got {len(args)}")
+    if len(placeholders) != len(tensors):
+        raise CaptureError(f"captured graph has {len(placeholders)} inputs but forward got {len(tensors)}")
+    batch_dims = {str(p.meta["val"].shape[0]) for p, b in zip(placeholders, batched)
+                  if b and isinstance(p.meta.get("val"), torch.Tensor)
+                  and isinstance(p.meta["val"].shape[0], torch.SymInt)}
+    out_nodes = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    local_batch = next(iter(sizes.values()), 1)
+    try:
+        outputs.classify([n.meta.get("val") if isinstance(n, fx.Node) else n for n in out_nodes], batch_dims,
+                         local_batch)
+    except SignatureError as exc:
+        raise CaptureError(str(exc)) from None
     tensor_names: dict[int, str] = {}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
@@ -89,9 +156,10 @@ def capture(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: boo
     return CapturedGraph(
         gm=gm,
         input_names=[n.name for n in placeholders],
-        batched_inputs=[a.dim() > 0 for a in args],
-        out_spec=out_spec,
-        fingerprint=_fingerprint(gm, model, args),
+        batched_inputs=batched,
+        call=call,
+        outputs=outputs,
+        fingerprint=_fingerprint(gm, model, tensors, call),
         tensor_names=tensor_names,
     )
 
@@ -126,9 +194,26 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _fingerprint(gm: fx.GraphModule, model: nn.Module, args: tuple[torch.Tensor, ...]) -> str:
+def named_graph_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor the graph reads with its attribute path: parameters, buffers and the plain tensor
+    attributes (`self.scale = torch.randn(4)`) that export keeps as constants of the graph."""
+    out, seen = [], set()
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        out.append((name, t))
+        seen.add(id(t))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = _attr(gm, node.target)
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                out.append((node.target, t))
+                seen.add(id(t))
+    return out
+
+
+def _fingerprint(gm: fx.GraphModule, model: nn.Module, args: tuple[torch.Tensor, ...], call: CallSignature) -> str:
     digest = hashlib.sha256()
     digest.update(type(model).__qualname__.encode())
+    digest.update(repr((call.paths, sorted(call.constants.items(), key=lambda kv: kv[0]))).encode())
     for node in gm.graph.nodes:
         digest.update(f"{node.op}|{node.target}|{len(node.args)}".encode())
     for name, p in model.named_parameters():

@@ -1,5 +1,11 @@
-"""Dropout switches: the captured graph's dropout ops call these functions, which drop only while the
-owning RaNNCModule is in train mode with dropout enabled (`enable_dropout`)."""
+"""Mode switches of the captured graph. The graph is traced once, in train mode; its mode-dependent ops
+call these functions instead, which read switches the owning RaNNCModule sets around each run:
+
+- dropout draws masks only in train mode with dropout enabled (`enable_dropout`);
+- BatchNorm uses batch statistics and updates its running statistics only in train mode (a layer without
+  running statistics always normalises by the batch, as in eager PyTorch); while a stage recomputes its
+  forward for backward, running statistics and batch counters are left alone, so a recomputed micro-batch
+  counts once."""
 
 from __future__ import annotations
 
@@ -8,30 +14,51 @@ import contextlib
 import torch
 import torch.fx as fx
 
-_active = True
+
+class _Switches:
+    active = True        # dropout draws masks
+    training = True      # batch-statistics layers use (and update) batch statistics
+    recomputing = False  # a stage is recomputing its forward for backward
+
+
+_state = _Switches()
 
 
 @contextlib.contextmanager
-def dropout_active(on: bool):
-    """Set whether dropout draws masks while stages run (train mode and dropout enabled)."""
-    global _active
-    before, _active = _active, on
+def _switched(name: str, value: bool):
+    before = getattr(_state, name)
+    setattr(_state, name, value)
     try:
         yield
     finally:
-        _active = before
+        setattr(_state, name, before)
+
+
+def dropout_active(on: bool):
+    """Set whether dropout draws masks while stages run (train mode and dropout enabled)."""
+    return _switched("active", on)
+
+
+def train_mode(on: bool):
+    """Set whether batch-statistics layers run in train mode while stages run."""
+    return _switched("training", on)
+
+
+def recomputing():
+    """Mark a stage's recomputation of its forward (in backward)."""
+    return _switched("recomputing", True)
 
 
 def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
-    return torch.ops.aten.dropout.default(x, p, train and _active)
+    return torch.ops.aten.dropout.default(x, p, train and _state.active)
 
 
 def feature_dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
-    return torch.ops.aten.feature_dropout.default(x, p, train and _active)
+    return torch.ops.aten.feature_dropout.default(x, p, train and _state.active)
 
 
 def sdpa(*args, **kwargs) -> torch.Tensor:
-    if not _active:
+    if not _state.active:
         if len(args) > 4:
             args = args[:4] + (0.0,) + args[5:]
         if "dropout_p" in kwargs:
@@ -39,16 +66,37 @@ def sdpa(*args, **kwargs) -> torch.Tensor:
     return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
 
 
+def batch_norm(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float,
+               cudnn_enabled: bool) -> torch.Tensor:
+    batch_stats = training and (_state.training or running_mean is None)
+    if _state.recomputing and running_mean is not None:
+        momentum = 0.0  # the statistics were updated by this micro-batch's first forward
+    return torch.ops.aten.batch_norm.default(x, weight, bias, running_mean, running_var, batch_stats, momentum, eps,
+                                             cudnn_enabled)
+
+
+def count_batch(counter: torch.Tensor, value) -> torch.Tensor:
+    """BatchNorm's `num_batches_tracked += 1`, in train mode and not while recomputing."""
+    if _state.training and not _state.recomputing:
+        counter.add_(value)
+    return counter
+
+
 _ROUTES = {
     torch.ops.aten.dropout.default: dropout,
     torch.ops.aten.feature_dropout.default: feature_dropout,
     torch.ops.aten.scaled_dot_product_attention.default: sdpa,
+    torch.ops.aten.batch_norm.default: batch_norm,
 }
 
 
 def route_dropout(gm: fx.GraphModule) -> None:
-    """Point every dropout-drawing op of the graph at its switch."""
+    """Point every mode-dependent op of the graph at its switch."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _ROUTES:
             node.target = _ROUTES[node.target]
+        elif (node.op == "call_function" and node.target is torch.ops.aten.add_.Tensor
+              and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+              and str(node.args[0].target).endswith("num_batches_tracked")):
+            node.target = count_batch
     gm.recompile()

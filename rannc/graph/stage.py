@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
+from rannc.graph import dropout as switches
 from rannc.graph.blocks import Linearized
 from rannc.graph.capture import CapturedGraph, is_replicable
 
@@ -29,6 +30,40 @@ class StageGraph:
     def tensors(self) -> list:
         """Parameters and buffers this stage reads (shared ones appear in every stage that reads them)."""
         return list(self.module.parameters()) + list(self.module.buffers())
+
+    def mutated_buffers(self) -> list:
+        """Buffers the stage writes while it runs (BatchNorm's running statistics and batch counter, or any
+        in-place op on a buffer)."""
+        found = []
+        for node in self.module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is switches.batch_norm:
+                candidates = node.args[3:5]
+            elif node.target is switches.count_batch or _in_place(node.target):
+                candidates = node.args[:1]
+            else:
+                continue
+            for arg in candidates:
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    t = self.module.get_buffer(arg.target) if _is_buffer(self.module, arg.target) else None
+                    if t is not None and all(t is not f for f in found):
+                        found.append(t)
+        return found
+
+    def named_tensors(self) -> list[tuple[str, object]]:
+        """(attribute path, tensor) of `tensors()`; a plain tensor attribute of the model is a buffer here."""
+        return list(self.module.named_parameters()) + list(self.module.named_buffers())
+
+
+def _in_place(target) -> bool:
+    packet = getattr(target, "overloadpacket", None)
+    return packet is not None and packet.__name__.endswith("_") and not packet.__name__.startswith("_")
+
+
+def _is_buffer(module: nn.Module, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    return name in (module.get_submodule(owner) if owner else module)._buffers
 
 
 def build_stage(captured: CapturedGraph, lin: Linearized, start: int, end: int) -> StageGraph:

@@ -16,7 +16,7 @@ from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks
 from rannc.plan.deployment import Deployment, StagePlan
 from rannc.profile.profiles import ProfileSet
-from rannc.runtime.schedule import in_flight
+from rannc.schedule import in_flight
 
 
 class PlanningError(RuntimeError):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import rannc
 from rannc import dist as rdist
 from rannc.graph.blocks import Blocks, Linearized
-from rannc.graph.capture import CapturedGraph
+from rannc.graph.capture import CapturedGraph, named_graph_tensors
 from rannc.graph.stage import build_stage
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
 
@@ -66,8 +66,11 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
     stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
     measured: list[dict[str, list[tuple[float, float]]]] = [
         {"fwd": [], "bwd": [], "act": [], "out": []} for _ in stages]
-    bar = tqdm(total=len(sizes) * len(stages), desc="rannc: profiling blocks", disable=not show_progress,
-               leave=False)
+    # Runs inside the caller's first forward, often under its own progress bar: leave=False removes this
+    # inner bar when done, and disable=None turns it off when stderr is not a terminal, so redirected logs
+    # get no carriage-return redraws (tqdm.notebook still shows it).
+    bar = tqdm(total=len(sizes) * len(stages), desc="rannc: profiling blocks",
+               disable=None if show_progress else True, leave=False)
     for size in sizes:
         batch = [x[:size].to(device) if batched else x.to(device)
                  for x, batched in zip(inputs, captured.batched_inputs)]
@@ -92,9 +95,7 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
     bar.close()
     profiles = []
     for stage, m in zip(stages, measured):
-        names = []
-        for t in stage.tensors():
-            names.append(captured.tensor_names.get(id(t), ""))
+        names = [captured.tensor_names.get(id(t), name) for name, t in stage.named_tensors()]
         profiles.append(BlockProfile(fwd_ms=Linear.fit(m["fwd"]), bwd_ms=Linear.fit(m["bwd"]),
                                      activation_bytes=Linear.fit(m["act"]), out_bytes=Linear.fit(m["out"]),
                                      tensors=names, label=_label(stage)))
@@ -235,8 +236,10 @@ def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
 
 
 def tensor_table(captured: CapturedGraph) -> tuple[dict[str, int], dict[str, bool]]:
+    """Bytes and trainability of every tensor the graph reads, by state_dict name (plain tensor attributes,
+    constants of the graph, by their attribute path)."""
     sizes, trainable = {}, {}
-    for name, t in list(captured.gm.named_parameters()) + list(captured.gm.named_buffers()):
+    for name, t in named_graph_tensors(captured.gm):
         key = captured.tensor_names.get(id(t), name)
         sizes[key] = _bytes(t)
         trainable[key] = isinstance(t, torch.nn.Parameter) and t.requires_grad

@@ -55,22 +55,29 @@ def _buckets(params: list[torch.nn.Parameter]):
         yield bucket
 
 
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
 def global_grad_norm(placement: Placement, device: torch.device, norm_type: float = 2.0) -> torch.Tensor:
-    """The norm over all parameters' gradients, each counted once (by its owner); collective."""
-    owned = [p.grad for p in placement.local_parameters()
-             if p.grad is not None and placement.owner(p) == placement.rank]
-    if norm_type == math.inf:
-        local = max((g.detach().abs().max().float() for g in owned), default=torch.zeros((), device=device))
-        total = torch.as_tensor(local, dtype=torch.float32, device=device).reshape(1).clone()
-        if dist.is_initialized():
-            dist.all_reduce(total, op=dist.ReduceOp.MAX)
-        return total[0]
-    local = torch.zeros(1, dtype=torch.float64, device=device)
-    for g in owned:
-        local += g.detach().double().norm(norm_type) ** norm_type
-    if dist.is_initialized():
-        dist.all_reduce(local)
-    return (local[0] ** (1.0 / norm_type)).float()
+    """The norm over all parameters' gradients, each counted once (by its owner); collective.
+
+    One fused norm per device and dtype (`torch._foreach_norm`, as torch.nn.utils.clip_grad_norm_ does),
+    then one one-element all-reduce: no per-parameter launches, no host synchronisation."""
+    owned = [p.grad for p in placement.owned_parameters() if p.grad is not None]
+    with torch.no_grad():
+        norms = [n for group in _by_device_and_dtype(owned) for n in torch._foreach_norm(group, norm_type)]
+        stacked = (torch.stack([n.to(device, torch.float32) for n in norms]) if norms
+                   else torch.zeros(1, dtype=torch.float32, device=device))
+        inf = norm_type == math.inf
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return stacked.max() if inf else torch.linalg.vector_norm(stacked, norm_type)
+        total = (stacked.max() if inf else torch.linalg.vector_norm(stacked, norm_type) ** norm_type).reshape(1)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
+        return total[0] if inf else total[0] ** (1.0 / norm_type)
 
 
 def clip_grad_norm(placement: Placement, device: torch.device, max_norm: float,
@@ -79,8 +86,9 @@ def clip_grad_norm(placement: Placement, device: torch.device, max_norm: float,
     total = global_grad_norm(placement, device, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     grads = [p.grad for p in placement.local_parameters() if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    with torch.no_grad():
+        for group in _by_device_and_dtype(grads):
+            torch._foreach_mul_(group, coef.to(group[0].device))
     return total
 
 

@@ -3,7 +3,12 @@
 `load_state_dict()` takes such a global dict and keeps this rank's part.
 
 Global indices are the positions of the parameters in the original param groups, so a global state dict
-is the one a single-process run would save."""
+is the one a single-process run would save.
+
+RaNNC's patched methods take `from_global` (`state_dict(from_global=False, **kw)`,
+`load_state_dict(sd, from_global=False)`): there, False means the rank's local optimizer dict. Here both
+values mean the global dict, because a local dict is indexed by the rank's share of one particular plan
+and could not be loaded by a run with another partition or world size (see `state_dict`)."""
 
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ class OptimizerPatch:
         self.pending_state: dict | None = None
         self._orig_state_dict = optimizer.state_dict
         self._orig_load = optimizer.load_state_dict
-        optimizer.state_dict = types.MethodType(lambda opt: self.state_dict(), optimizer)
-        optimizer.load_state_dict = types.MethodType(lambda opt, sd: self.load_state_dict(sd), optimizer)
+        optimizer.state_dict = types.MethodType(
+            lambda opt, from_global=False, **kwargs: self.state_dict(from_global, **kwargs), optimizer)
+        optimizer.load_state_dict = types.MethodType(
+            lambda opt, state_dict, from_global=False: self.load_state_dict(state_dict, from_global), optimizer)
 
     def deploy(self, placement: Placement) -> None:
         """Keep only local parameters in the param groups; apply a state dict loaded before deployment."""
@@ -40,11 +47,28 @@ class OptimizerPatch:
             state, self.pending_state = self.pending_state, None
             self.load_state_dict(state)
 
+    def undeploy(self) -> None:
+        """Give the param groups all of their parameters back (state: load a global state dict after)."""
+        self.placement = None
+        for group, full in zip(self.optimizer.param_groups, self.full_groups):
+            group["params"] = list(full)
+        self.optimizer.state.clear()
+
     def _global_index(self) -> list[torch.nn.Parameter]:
         return [p for full in self.full_groups for p in full]
 
-    def state_dict(self) -> dict[str, Any]:
-        """Collective: every parameter's state, indexed as the unpartitioned optimizer would index it."""
+    def state_dict(self, from_global: bool = False, to_cpu: bool = True, root: int = 0) -> dict[str, Any]:
+        """Collective once deployed: every parameter's state, indexed as the unpartitioned optimizer would
+        index it; the same dict on every rank, tensors on the CPU. (Before deployment: the plain optimizer's
+        own dict, which is global too.)
+
+        `from_global`, `to_cpu` and `root` are RaNNC's arguments and change nothing. RaNNC returns the global
+        dict with from_global=True on rank `root` only (None elsewhere); here every rank gets it. With
+        from_global=False RaNNC returns the rank's local optimizer dict; here it is the global one as well: a
+        local dict holds only the parameters of this rank's stage, indexed by their position in this plan's
+        local param groups, so it could not be loaded by a run with another partition or world size, nor by
+        a fresh optimizer before its first forward call (when the partition is not known yet)."""
+        del from_global, to_cpu, root
         if self.placement is None:
             return self._orig_state_dict()
         order = self._global_index()
@@ -66,8 +90,11 @@ class OptimizerPatch:
             groups.append(g)
         return {"state": dict(sorted(state.items())), "param_groups": groups}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a global state dict; before deployment it is kept and applied at deployment."""
+    def load_state_dict(self, state_dict: dict[str, Any], from_global: bool = False) -> None:
+        """Load a global state dict (as `state_dict` returns, with either `from_global`); before deployment
+        it is kept and applied at deployment. `from_global` is RaNNC's argument: the dict is global either
+        way (a single-process optimizer's dict is global too)."""
+        del from_global
         if self.placement is None:
             self.pending_state = state_dict
             return

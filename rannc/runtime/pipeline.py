@@ -9,20 +9,24 @@ them once per such combination as a small header, and both sides cache it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from rannc.graph.dropout import recomputing
 from rannc.graph.stage import StageGraph
 from rannc.runtime.chunks import Chunk
-from rannc.runtime.schedule import Action
+from rannc.schedule import Action
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool]
 _MAX_DIMS = 8
 _HEADER = 3 + _MAX_DIMS   # dtype, requires_grad, ndim, dims
+
+OutputGrads = Callable[[tuple, Chunk], list]
 
 
 @dataclass
@@ -68,15 +72,16 @@ class StageRuntime:
         return results
 
     def run_actions(self, actions: list[Action], chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
-                    upstream: torch.Tensor) -> list[tuple[Chunk, tuple]]:
+                    output_grads: OutputGrads) -> list[tuple[Chunk, tuple]]:
         """Run an interleaved schedule (1F1B): forwards and backwards in the given order, the backwards with
-        `upstream` as d(loss). Sends are asynchronous, so neighbours never wait on each other's sends."""
+        the last stage's output gradients from `output_grads`. Sends are asynchronous, so neighbours never
+        wait on each other's sends."""
         results: list[tuple[Chunk, tuple]] = []
         for action in actions:
             if action.kind == "F":
                 self._forward_one(action, chunks, inputs, key, results)
             else:
-                self._backward_one(action, upstream)
+                self._backward_one(action, output_grads)
         self.wait_sends()
         return results
 
@@ -90,7 +95,7 @@ class StageRuntime:
         args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
                            for i in self.stage.inputs]
         if self.recompute and grad:
-            outputs = checkpoint(self.stage.module, *args, use_reentrant=False)
+            outputs = checkpoint(_first_run_then_recompute(self.stage.module), *args, use_reentrant=False)
         else:
             outputs = self.stage.module(*args)
         if self.stage.is_last:
@@ -136,22 +141,25 @@ class StageRuntime:
         self._pending_sends.clear()
 
     # ---- backward ------------------------------------------------------------------------------------
-    def run_backward(self, actions: list[Action], upstream: torch.Tensor) -> None:
-        """Run backward actions; `upstream` is d(returned loss), scaled per chunk by its weight."""
+    def run_backward(self, actions: list[Action], output_grads: OutputGrads) -> None:
+        """Run backward actions; on the last stage `output_grads(outputs, chunk)` gives the gradient of each
+        of a micro-batch's outputs (None where there is none)."""
         for action in actions:
-            self._backward_one(action, upstream)
+            self._backward_one(action, output_grads)
         self.wait_sends()
 
-    def _backward_one(self, action: Action, upstream: torch.Tensor) -> None:
+    def _backward_one(self, action: Action, output_grads: OutputGrads) -> None:
         started = time.perf_counter()
         saved = self._saved.pop(action.microbatch, None)
         if saved is None:
             raise RuntimeError("loss.backward() was called twice for one forward (or without a forward "
                                "in grad mode); use rannc.keep_graph(True) to keep the graph")
         if self.stage.is_last:
-            loss = saved.outputs[0]
-            tensors = [loss] if loss.requires_grad else []
-            grads = [(upstream * saved.chunk.weight).to(loss.dtype).reshape(loss.shape)]
+            tensors, grads = [], []
+            for o, g in zip(saved.outputs, output_grads(saved.outputs, saved.chunk)):
+                if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
+                    tensors.append(o)
+                    grads.append(g.to(o.device, o.dtype).reshape(o.shape))
         else:
             tensors, grads = [], []
             for o in saved.outputs:
@@ -179,6 +187,22 @@ class StageRuntime:
 
     def clear(self) -> None:
         self._saved.clear()
+
+
+def _first_run_then_recompute(module):
+    """The stage's forward for torch.utils.checkpoint: its second run (the recomputation in backward) runs
+    under the recomputing switch, so that layers with running statistics count the micro-batch once."""
+    runs = 0
+
+    def run(*args):
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return module(*args)
+        with recomputing():
+            return module(*args)
+
+    return run
 
 
 def _encode(t: torch.Tensor) -> list[int]:

@@ -29,6 +29,8 @@ class Placement:
         for t in named_tensors.values():
             unique.setdefault(id(t), t)
         self.tensors = unique
+        self._local: list | None = None
+        self._owned: list | None = None
         self.groups: dict[tuple[int, ...], object] = {}
         for ranks in sorted(set(self.holders.values())):
             if len(ranks) > 1:
@@ -46,8 +48,16 @@ class Placement:
         return self.rank in self.holders.get(id(t), ())
 
     def local_parameters(self) -> list[torch.nn.Parameter]:
-        return [t for t in self.tensors.values()
-                if isinstance(t, torch.nn.Parameter) and self.is_local(t)]
+        """This rank's parameters (a fixed list: the placement does not change once made)."""
+        if self._local is None:
+            self._local = [t for t in self.tensors.values() if isinstance(t, torch.nn.Parameter) and self.is_local(t)]
+        return self._local
+
+    def owned_parameters(self) -> list[torch.nn.Parameter]:
+        """The local parameters this rank speaks for (the lowest holder): each parameter counted once."""
+        if self._owned is None:
+            self._owned = [p for p in self.local_parameters() if self.owner(p) == self.rank]
+        return self._owned
 
     def place(self, device: torch.device) -> None:
         """Move this rank's tensors to its device; free those only other ranks hold."""

@@ -65,3 +65,37 @@ def load_into_local(placement: Placement, state_dict: dict, strict: bool = True)
                     raise ValueError(f"state dict entry {name} has shape {tuple(value.shape)}, the model's is "
                                      f"{tuple(t.shape)}")
                 t.copy_(value.to(t.device, t.dtype))
+
+
+def fetch_tensor(placement: Placement, name: str, grad: bool = False) -> torch.Tensor | None:
+    """Collective: the full value (or gradient) of tensor `name` as a CPU copy on every rank, sent by its
+    owner. A gradient the owner does not have is None everywhere."""
+    t = placement.named[name]
+    shape, dtype = placement.meta[name]
+    owner = placement.owner(t)
+    source = t.grad if grad else t
+    if rdist.get_world_size() == 1:
+        return None if source is None else source.detach().to("cpu", copy=True)
+    comm = rdist.comm_device()
+    flag = torch.tensor([1 if placement.rank == owner and source is not None else 0], device=comm)
+    dist.broadcast(flag, owner)
+    if not flag.item():
+        return None
+    buf = source.detach().to(comm).contiguous() if placement.rank == owner else torch.empty(shape, dtype=dtype,
+                                                                                           device=comm)
+    dist.broadcast(buf, owner)
+    return buf.cpu()
+
+
+def restore_all(placement: Placement, full_state: dict, device: torch.device | None = None) -> None:
+    """Give every tensor of the model its full value again (after a deployment freed the ones other ranks
+    held): `full_state` is the full state dict; tensors go to `device`, or stay where they are."""
+    with torch.no_grad():
+        for name, t in placement.named.items():
+            if name not in full_state:
+                continue
+            value = full_state[name]
+            target = device if device is not None else t.device
+            t.data = value.to(target, t.dtype).clone()
+            if not placement.is_local(t):
+                t.grad = None

@@ -1,0 +1,224 @@
+"""Every call after deployment: run this rank's part of the schedule on the global batch, deliver the outputs,
+and in backward run the backward schedule and sum the gradients over each parameter's holders.
+
+Gradient accumulation follows RaNNC. Under `delay_grad_allreduce(True)` a backward leaves its gradients
+unsummed; the first backward without the delay then sums the whole accumulated gradient (RaNNC's pattern:
+delay on the early micro-steps, off for the last). Gradients already summed by an earlier backward without
+the delay are set aside while this backward's part is summed, so that no contribution is summed twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rannc import dist as rdist
+from rannc.graph.dropout import dropout_active, train_mode
+from rannc.graph.stage import StageGraph
+from rannc.plan.deployment import Deployment
+from rannc.runtime import grads as grad_ops
+from rannc.runtime.chunks import Chunk, split_batch
+from rannc.runtime.outputs import OutputRouter, PipelineOutputs
+from rannc.runtime.pipeline import StageRuntime
+from rannc.runtime.placement import Placement
+from rannc.schedule import gpipe_backward, gpipe_forward, one_f_one_b
+
+
+@dataclass
+class CallFlags:
+    """RaNNC's process-wide switches, as one call sees them."""
+
+    delay_grad_allreduce: bool = False
+    keep_graph: bool = False
+
+
+class Engine:
+    def __init__(self, deployment: Deployment, placement: Placement, runtime: StageRuntime | None,
+                 stage: StageGraph | None, router: OutputRouter, batched_inputs: list[bool], rank: int,
+                 world: int, device: torch.device, replica: int, interleaved: bool):
+        self.deployment = deployment
+        self.placement = placement
+        self.runtime = runtime
+        self.router = router
+        self.batched_inputs = batched_inputs
+        self.rank = rank
+        self.world = world
+        self.device = device
+        self.replica = replica
+        self.interleaved = interleaved      # 1F1B: backwards run inside the call (one scalar output only)
+        self.reducer = None
+        if runtime is not None and world > 1:
+            self.reducer = grad_ops.OverlappedAllReduce(placement, runtime.stage.parameters())
+        self.synced_buffers = self._replicated_buffers(stage)
+        self.unreduced = False              # local gradients hold parts not yet summed over holders
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._pending: tuple | None = None  # (batch, local rows, local, flags) of the last grad-mode call
+        self._interleaved_before: dict | None = None
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def run(self, batch_args: list[torch.Tensor], local: bool, gather_inputs: bool, train: bool, dropout: bool,
+            flags: Callable[[], CallFlags]) -> list:
+        """`batch_args`: the global batch, or with `local` this rank's rows of it (data parallelism).
+        Returns the output leaves, tied to the pipeline's backward in grad mode. `flags()` gives RaNNC's
+        switches; the backward reads them again when it runs."""
+        flags_now = flags()
+        deployment = self.deployment
+        grad = torch.is_grad_enabled()
+        key = (_autocast_key(self.device), grad)
+        rows = batch_args[self.batched_inputs.index(True)].shape[0] if any(self.batched_inputs) else 1
+        batch = rows * self.world if local else rows
+        if batch != deployment.batch_size:
+            raise ValueError(f"the global batch has {batch} samples but the deployment was planned for "
+                             f"{deployment.batch_size}; keep the local batch size fixed")
+        local_rows = rows if local else (batch // self.world if gather_inputs else batch)
+        chunks = split_batch(batch, deployment.microbatch_count, deployment.replicas)
+        results: list[tuple[Chunk, tuple]] = []
+        if self.runtime is not None:
+            my_chunks = [row[self.replica] for row in chunks]
+            if local:
+                my_chunks = [Chunk(0, rows, c.weight) for c in my_chunks]
+            self.runtime.keep_graph = flags_now.keep_graph
+            self.runtime.clear()
+            with dropout_active(dropout), train_mode(train):
+                if grad and self.interleaved:
+                    results = self._run_interleaved(my_chunks, batch_args, key, flags_now)
+                else:
+                    results = self.runtime.run_forward(gpipe_forward(deployment.microbatch_count), my_chunks,
+                                                       batch_args, key)
+        if train and self.synced_buffers:
+            self._average_buffers()
+        leaves = self.router.collect(results, batch, local_rows, local)
+        if not grad:
+            return leaves
+        self._pending = (batch, local_rows, local, flags)
+        return list(PipelineOutputs.apply(self._anchor, self._backward, *leaves))
+
+    def _run_interleaved(self, chunks, batch_args, key, flags: CallFlags):
+        """1F1B: backwards run inside the call with d(loss) = 1; the gradients of this call are kept apart
+        from earlier ones so that loss.backward(g) can scale them by g (gradients are linear in g)."""
+        if flags.keep_graph:
+            raise ValueError("keep_graph(True) needs schedule='gpipe': 1F1B frees each micro-batch's graph as it goes")
+        deployment = self.deployment
+        self._interleaved_before = self._set_aside_grads()
+        self._interleaved_delay = flags.delay_grad_allreduce
+        stage = deployment.stage_of_rank(self.rank)
+        actions = one_f_one_b(stage, len(deployment.stages), deployment.microbatch_count)
+        ones = torch.ones((), dtype=torch.float32, device=self.device)
+        output_grads = self.router.gradients([ones], deployment.batch_size, 0, False)
+        return self._reducing_gradients(
+            lambda: self.runtime.run_actions(actions, chunks, batch_args, key, output_grads),
+            flags.delay_grad_allreduce, flags.keep_graph)
+
+    # ---- backward ------------------------------------------------------------------------------------
+    def _backward(self, grads: list) -> None:
+        if self._pending is None:
+            raise RuntimeError("backward ran twice for one forward; use rannc.keep_graph(True) to keep the graph")
+        batch, local_rows, local, flags_fn = self._pending
+        flags = flags_fn()
+        if not flags.keep_graph:
+            self._pending = None
+        before = self._interleaved_before
+        if before is not None:
+            self._finish_interleaved(before, grads)
+            return
+        delay = flags.delay_grad_allreduce
+        output_grads = self.router.gradients(grads, batch, local_rows, local)
+        # Parts summed by an earlier backward are set aside while this one's part is summed; unsummed parts
+        # (left by backwards under the delay) are summed together with it.
+        reduced_before = self._set_aside_grads() if not delay and not self.unreduced else {}
+
+        def run_backwards():
+            if self.runtime is not None:
+                self.runtime.run_backward(gpipe_backward(self.deployment.microbatch_count), output_grads)
+
+        self._reducing_gradients(run_backwards, delay, flags.keep_graph)
+        _add_back(reduced_before)
+        self.unreduced = delay
+
+    def _finish_interleaved(self, before: dict, grads: list) -> None:
+        """1F1B: the backwards already ran with d(loss) = 1 (and were summed unless delayed); apply the real
+        d(loss) and restore the earlier gradients, summing them too if they were left unsummed."""
+        self._interleaved_before = None
+        g = grads[self.router.scalars[0]]
+        if g is not None and g.item() != 1.0:
+            current = [p.grad for p in self.placement.local_parameters() if p.grad is not None]
+            if current:
+                torch._foreach_mul_(current, g.to(current[0].device, current[0].dtype))
+        delay = self._interleaved_delay  # the call summed (or not) under the switch it saw
+        if not delay and self.unreduced and before:
+            current = self._set_aside_grads()
+            _add_back(before)
+            grad_ops.allreduce_grads(self.placement)
+            _add_back(current)
+        else:
+            _add_back(before)
+        self.unreduced = delay
+
+    def _reducing_gradients(self, run_backwards, delay: bool, keep_graph: bool):
+        """Run the backward actions with the gradient all-reduce overlapping them (or after them, or not
+        at all under delay_grad_allreduce)."""
+        overlap = self.reducer is not None and not delay and not keep_graph
+        if overlap:
+            self.reducer.begin(self.deployment.microbatch_count)
+        try:
+            result = run_backwards()
+        except BaseException:
+            if overlap:
+                self.reducer.cancel()
+            raise
+        if overlap:
+            self.reducer.finish()
+        elif not delay:
+            grad_ops.allreduce_grads(self.placement)
+        return result
+
+    def allreduce_grads(self) -> None:
+        """Sum every local gradient over its holders (after backwards under delay_grad_allreduce)."""
+        grad_ops.allreduce_grads(self.placement)
+        self.unreduced = False
+
+    def _set_aside_grads(self) -> dict:
+        before = {}
+        for p in self.placement.local_parameters():
+            if p.grad is not None:
+                before[p] = p.grad
+                p.grad = None
+        return before
+
+    # ---- buffers -------------------------------------------------------------------------------------
+    def _replicated_buffers(self, stage: StageGraph | None) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """Floating-point buffers this stage writes that other ranks hold too (BatchNorm statistics of a
+        replicated stage): averaged after every training call so that every holder keeps the same values."""
+        if stage is None:
+            return []
+        out = []
+        for t in stage.mutated_buffers():
+            holders = self.placement.holders_of(t)
+            if t.is_floating_point() and len(holders) > 1:
+                out.append((holders, t))
+        return out
+
+    def _average_buffers(self) -> None:
+        for holders, t in self.synced_buffers:
+            buf = t.detach().to(rdist.comm_device())
+            dist.all_reduce(buf, group=self.placement.groups[holders])
+            # through .data: batch_norm saved these tensors for backward (unused there in train mode), and an
+            # in-place write seen by autograd's version counter would fail that backward
+            t.data.copy_(buf.to(t.device) / len(holders))
+
+
+def _add_back(before: dict) -> None:
+    for p, grad in before.items():
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad.add_(grad)
+
+
+def _autocast_key(device: torch.device):
+    if torch.is_autocast_enabled(device.type):
+        return str(torch.get_autocast_dtype(device.type))
+    return None

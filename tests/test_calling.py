@@ -1,0 +1,241 @@
+"""Calling conventions and RaNNC's API around a call: keyword and constant arguments, RaNNC's toggled
+accumulation pattern, state left untouched by capture and profiling, BatchNorm's modes, undeploy,
+gather_inputs=False, attribute forwarding, and inputs that differ between ranks refused on every rank."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+from distributed import RankError, run_ranks
+
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item() / (b.abs().max().item() + 1e-3)
+
+
+def _toggled_accumulation(rank, world, name, stages, schedule):
+    """RaNNC's pattern: delay on the early micro-steps, no delay on the last one; no allreduce_grads()."""
+    import rannc
+    torch.manual_seed(0)
+    model = models.make(name)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=stages, profile_repeats=1, schedule=schedule)
+    errors = []
+    for step in range(2):
+        for micro in range(3):
+            rannc.delay_grad_allreduce(micro < 2)
+            batch = models.global_batch(name, 12, seed=10 * step + micro)
+            wrapped(*models.local_part(batch, rank, world)).backward()
+            reference(*batch).backward()
+        for key, p in reference.named_parameters():
+            errors.append((key, _rel(wrapped.get_param_grad(key), p.grad)))
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+    rannc.delay_grad_allreduce(False)
+    return max(errors, key=lambda e: e[1])
+
+
+@pytest.mark.parametrize("world,stages,schedule", [(2, 1, "gpipe"), (2, 2, "gpipe"), (3, 2, "gpipe"),
+                                                   (2, 2, "1f1b")])
+def test_toggled_delay_accumulation_equals_single_process(world, stages, schedule):
+    for key, err in run_ranks(_toggled_accumulation, world, "bert", stages, schedule, timeout=300):
+        assert err < RTOL, f"gradient of {key} differs by {err:.2e} (world {world}, {stages} stages, {schedule})"
+
+
+def _keywords_and_constants(rank, world):
+    import rannc
+    torch.manual_seed(0)
+    model = models.make("scaled")
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=2, profile_repeats=1)
+    errors = []
+    for step in range(3):
+        x, y = models.global_batch("scaled", 8, seed=step)
+        lx, ly = models.local_part([x, y], rank, world)
+        loss = wrapped(lx, y=ly, scale=0.5)
+        loss.backward()
+        ref_loss = reference(x, y=y, scale=0.5)
+        ref_loss.backward()
+        errors.append(_rel(loss, ref_loss))
+        for opt in (optimizer, ref_optimizer):
+            opt.step()
+            opt.zero_grad()
+    errors += [_rel(wrapped.get_param(n), p) for n, p in reference.named_parameters()]
+    return max(errors), wrapped.head.out_features   # attribute read through to the wrapped model
+
+
+def test_keyword_and_constant_arguments_and_attribute_forwarding():
+    for err, out_features in run_ranks(_keywords_and_constants, 2, timeout=200):
+        assert err < RTOL
+        assert out_features == 1
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.bn(self.fc1(x))))))
+
+
+def test_capture_and_profiling_leave_state_untouched_and_batchnorm_follows_train_and_eval():
+    import rannc
+    torch.manual_seed(0)
+    model = _BatchNormNet()
+    reference = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)   # gradients already there must survive the first call
+    grads_before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)
+    x = torch.randn(8, 6)
+    out = wrapped(x)
+    assert model.bn.num_batches_tracked.item() == 1   # one training call, whatever capture and profiling ran
+    ref_out = reference(x)
+    assert _rel(out, ref_out) < RTOL
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads_before[n]), n
+    for key, value in reference.state_dict().items():
+        assert _rel(model.state_dict()[key], value) < RTOL, key
+    wrapped.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert _rel(wrapped(x), reference(x)) < RTOL   # running statistics in eval mode
+    assert model.bn.num_batches_tracked.item() == 1
+
+
+def _undeploy_and_continue(rank, world):
+    import rannc
+    torch.manual_seed(0)
+    model = models.make("mlp")
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3)
+    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, eps=1e-3)
+    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=2, profile_repeats=1)
+    errors = []
+    for step in range(4):
+        batch = models.global_batch("mlp", 8, seed=step)
+        wrapped(*models.local_part(batch, rank, world)).backward()
+        reference(*batch).backward()
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+        if step == 1:
+            wrapped.undeploy()   # every rank holds the whole model again
+            errors += [_rel(p, q) for p, q in zip(model.parameters(), reference.parameters())]
+            assert all(p.numel() == q.numel() for p, q in zip(model.parameters(), reference.parameters()))
+            assert not wrapped.ready
+    errors += [_rel(wrapped.get_param(n), q) for n, q in reference.named_parameters()]
+    return max(errors)
+
+
+def test_undeploy_gives_the_whole_model_back_and_training_continues():
+    for err in run_ranks(_undeploy_and_continue, 2, timeout=300):
+        assert err < RTOL
+
+
+def _rank_zero_batch(rank, world):
+    import rannc
+    torch.manual_seed(0)
+    model = models.make("mlp")
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, gather_inputs=False, partition_num=2, profile_repeats=1)
+    x, y = models.global_batch("mlp", 6, seed=0)
+    mine = [x, y] if rank == 0 else [torch.randn_like(x), torch.randn_like(y)]   # ignored on other ranks
+    loss = wrapped(*mine)
+    loss.backward()
+    ref_loss = reference(x, y)
+    ref_loss.backward()
+    grads = [_rel(wrapped.get_param_grad(n), p.grad) for n, p in reference.named_parameters()]
+    return _rel(loss, ref_loss), max(grads)
+
+
+def test_gather_inputs_false_trains_on_rank_zero_batch():
+    for loss_err, grad_err in run_ranks(_rank_zero_batch, 2, timeout=200):
+        assert loss_err < RTOL and grad_err < RTOL
+
+
+def _different_call_on_one_rank(rank, world, kind):
+    import rannc
+    torch.manual_seed(0)
+    model = models.make("scaled")
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1)
+    x, y = models.local_part(models.global_batch("scaled", 8, 0), rank, world)
+    if kind == "keyword" and rank == 1:
+        return wrapped(x, y, scale=2.0)
+    if kind == "dtype" and rank == 1:
+        return wrapped(x.double(), y, 2.0)
+    if kind == "object" and rank == 1:
+        return wrapped(x, y, scale=object())
+    return wrapped(x, y, 2.0)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("keyword", "rank 0 calls the model with (#0, #1, #2=2.0) but rank 1 with (#0, #1, scale=2.0)"),
+    ("dtype", "argument #0 has dtype torch.float32 on rank 0 but torch.float64 on rank 1"),
+    ("object", "argument scale is a object"),
+])
+def test_a_call_refused_on_one_rank_is_refused_on_every_rank_at_once(kind, message):
+    started = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run_ranks(_different_call_on_one_rank, 2, kind, timeout=120, env={"RANNC_COMM_TIMEOUT_S": "300"})
+    assert time.monotonic() - started < 60   # not the 300 s timeout
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1]
+    assert all(message in e for e in errors.values()), errors
+
+
+class _TwoHeads(nn.Module):
+    """Returns a dict of a batched output and a scalar, with None in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, y):
+        logits = self.head(torch.tanh(self.body(x)))
+        return {"logits": logits, "aux": None, "loss": F.cross_entropy(logits, y)}
+
+
+def _structured_outputs(rank, world, schedule):
+    import rannc
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, partition_num=2, profile_repeats=1, schedule=schedule)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    rows = slice(rank * 12 // world, (rank + 1) * 12 // world)
+    out = wrapped(x[rows], y[rows])
+    ref = reference(x, y)
+    assert out["aux"] is None and out["logits"].shape == (12 // world, 3)
+    out["loss"].backward()   # the scalar: the global-batch loss, the single-process gradient
+    ref["loss"].backward()
+    errs = [_rel(out["loss"], ref["loss"]), _rel(out["logits"], ref["logits"][rows])]
+    errs += [_rel(wrapped.get_param_grad(n), p.grad) for n, p in reference.named_parameters()]
+    return max(errs)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_structured_outputs_with_a_scalar_loss_inside(schedule):
+    assert max(run_ranks(_structured_outputs, 2, schedule, timeout=200)) < RTOL
