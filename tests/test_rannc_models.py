@@ -11,8 +11,8 @@ to 2), inputs by position or keyword. At world 1, 2 stages must be refused. rann
 between modules: RaNNCModules coexist (a resumed module is built next to the first, which still answers
 afterwards); clear(); barrier() synchronises every rank (tested).
 
-One run_ranks call per world size runs every model both ways for each stage count (at 3 ranks: one way
-per stage count, see `_included`; process start and capture dominate the time); ranks return per-case
+One run_ranks call per world size runs every model both ways for each stage count (process start and
+capture dominate the time); ranks return per-case
 error summaries and the parent asserts one test per model, way, world and stages. Every rank checks
 against its own reference, so every rank's view of outputs, gradients and state dicts is checked.
 `_run(world, sabotage)` breaks the reference on purpose ("loss_term", "ref_step", "resume_opt",
@@ -422,13 +422,10 @@ def _run(world: int, sabotage: str | None = None):
 
 
 def _included(world: int, stages: int, name: str, way: str) -> bool:
-    """The full matrix at 1 and 2 ranks; at 3 ranks (three processes on two cores, the file's CPU budget)
-    every model runs both ways, one at 1 stage and the other at 2. "nograd" matters where BatchNorm
+    """The full matrix: every model both ways at every (world, stages). "nograd" matters where BatchNorm
     statistics are averaged over replicas: one stage on several ranks."""
     if way == "nograd":
         return stages == 1 and world > 1
-    if world == 3:
-        return stages == 1 + (NAMES.index(name) + ("out", "loss").index(way)) % 2
     return True
 
 
