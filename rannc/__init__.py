@@ -3,8 +3,6 @@ recomputation) for unmodified PyTorch models. The public API lives here and only
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from rannc.config import ConfigError, RannConfig, load_config  # noqa: E402
 from rannc.dist import barrier, get_rank, get_world_size  # noqa: E402
 from rannc.graph.capture import CaptureError  # noqa: E402
@@ -13,6 +11,7 @@ from rannc.plan.deployment import Deployment, DeploymentError, show_deployment  
 from rannc.plan.dry_run import plan_dry_run  # noqa: E402
 from rannc.plan.planner import PlanningError  # noqa: E402
 from rannc.profile.estimate import DEVICES, DeviceSpec  # noqa: E402
+from rannc.version import __version__  # noqa: E402,F401
 
 
 def delay_grad_allreduce(delay: bool) -> None:

@@ -104,10 +104,12 @@ class RaNNCModule(nn.Module):
         except (TypeError, ValueError) as exc:  # checked on every rank together below, never alone
             error = exc
         self._agree_on_inputs(error, call, tensors)
+        global_args = None
         if self._engine is None:
-            self._deploy(args, kwargs, tensors)
+            global_args = self._global_batch(tensors)
+            self._deploy(args, kwargs, tensors, global_args)
         local = self._local_rows_only()
-        batch_args = tensors if local else self._global_batch(tensors)
+        batch_args = tensors if local else (global_args or self._global_batch(tensors))
         leaves = self._engine.run(batch_args, local, self.config.gather_inputs, train=self.training,
                                   dropout=self.training and self._dropout_enabled, flags=_call_flags)
         return self._captured.outputs.rebuild(leaves)
@@ -244,7 +246,7 @@ class RaNNCModule(nn.Module):
         return path
 
     # ---- the first call ------------------------------------------------------------------------------
-    def _deploy(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> None:
+    def _deploy(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor], global_args: list[torch.Tensor]) -> None:
         cfg = self.config
         t0 = time.perf_counter()
         logger.info("Tracing model ...")
@@ -257,8 +259,7 @@ class RaNNCModule(nn.Module):
             if stray:
                 raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
         model_device = next((t.device for t in named.values()), torch.device("cpu"))
-        global_args = self._global_batch(tensors)
-        with preserved_state(self.model):  # capture and profiling must not count as training
+        with preserved_state(self.model):  # profiling must not count as training (capture preserves on its own)
             call = CallSignature.of(args, kwargs)
             local_args, local_kwargs = call.rebuild(tuple(t.detach().to(model_device) for t in tensors))
             error = None

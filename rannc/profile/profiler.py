@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import rannc
 from rannc import dist as rdist
 from rannc.graph.blocks import Blocks, Linearized
 from rannc.graph.capture import CapturedGraph, named_graph_tensors
 from rannc.graph.stage import build_stage
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
+from rannc.version import __version__
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -50,7 +50,7 @@ def cache_key(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device:
               autocast_dtype) -> str:
     digest = hashlib.sha256()
     for part in (captured.fingerprint, str(blocks.bounds), str(sizes), device_name(device), str(autocast_dtype),
-                 torch.__version__, rannc.__version__):
+                 torch.__version__, __version__):
         digest.update(part.encode())
     return digest.hexdigest()[:20]
 
