@@ -50,8 +50,9 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         model = model.to(device)
     optimizer = Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0)
     if kind == "rannc":
-        wrapped = rannc.RaNNCModule(model, optimizer, **({"partition_num": args.partition_num}
-                                                         if args.partition_num else {}))
+        # every step ends with zero_grad(set_to_none=True) and nothing accumulates: tell the planner
+        wrapped = rannc.RaNNCModule(model, optimizer, accumulate_grads=False,
+                                    **({"partition_num": args.partition_num} if args.partition_num else {}))
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                             if device.type == "cuda" else None)
@@ -93,7 +94,13 @@ def run(kind: str, args, config, device, rank, world) -> dict:
               "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks, "first_step_s": setup_s,
               "final_loss": loss_value}
     if kind == "rannc":
-        result["plan"] = wrapped.deployment.table()
+        deployment = wrapped.deployment
+        result["plan"] = deployment.table()
+        result["predicted_step_ms"] = deployment.predicted_step_ms
+        result["predicted_over_measured_step"] = deployment.predicted_step_ms / result["step_ms"]
+        result["predicted_peak_gib"] = max(s.memory_bytes for s in deployment.stages) / 2**30
+        if peak:
+            result["predicted_over_measured_peak"] = result["predicted_peak_gib"] / max(p for p in peaks if p)
     del wrapped, model, optimizer, batch, loss
     gc.collect()
     if device.type == "cuda":

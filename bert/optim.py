@@ -1,6 +1,8 @@
-"""LAMB with NVIDIA apex FusedLAMB's semantics, written with torch's foreach ops, and BERT's parameter groups.
+"""LAMB with NVIDIA apex FusedLAMB's semantics, and BERT's parameter groups.
 
-torch has no LAMB and no PyPI package matches apex, whose NVLAMB the NVIDIA BERT recipe was tuned with.
+torch has no LAMB and no PyPI package matches apex, whose NVLAMB the NVIDIA BERT recipe was tuned with. The
+step is written twice with the same math: with torch's foreach ops (any device and dtype, and the reference
+for the other) and as fused Triton kernels (:mod:`bert.lamb_triton`) that run it at memory speed on CUDA.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+try:
+    from bert import lamb_triton
+except ImportError:  # no Triton: the foreach path is the only one
+    lamb_triton = None
 
 __all__ = ["NO_DECAY_NAME_PARTS", "Lamb", "bert_param_groups"]
 
@@ -30,6 +37,18 @@ def _by_device_and_dtype(params: list[torch.Tensor]) -> dict[tuple[torch.device,
     return buckets
 
 
+def _fused_support_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot take parameters of this device and dtype, or None when they can."""
+    interpreted = lamb_triton is not None and lamb_triton.INTERPRETED
+    if device.type != "cuda" and not interpreted:
+        return f"the fused kernels run on CUDA tensors, and a parameter is on {device}"
+    if lamb_triton is None:
+        return "the fused kernels need Triton, which cannot be imported here"
+    if dtype not in lamb_triton.SUPPORTED_DTYPES:
+        return f"the fused kernels take float32, bfloat16 or float16 parameters, and one is {dtype}"
+    return None
+
+
 class Lamb(torch.optim.Optimizer):
     """Layer-wise adaptive Adam (NVLAMB) matching apex ``FusedLAMB`` with ``adam_w_mode=True``.
 
@@ -43,6 +62,14 @@ class Lamb(torch.optim.Optimizer):
 
     ``param_group['step']`` counts steps, incremented by ``step()`` before use as apex does, so that
     :class:`bert.schedulers.PolyWarmUpScheduler` can read it and skipped (overflowed) steps do not count.
+
+    ``fused`` picks the implementation, per bucket of parameters of one device and dtype. None (the default)
+    runs the Triton kernels of :mod:`bert.lamb_triton` wherever they apply (CUDA, Triton importable, fp32,
+    bf16 or fp16 parameters with grads of the same dtype, contiguous and 16-byte aligned) and torch's
+    foreach ops elsewhere, e.g. on CPU or for float64; True demands the kernels and raises where they cannot
+    run; False always takes the foreach ops. Both compute the same update in fp32, agreeing to about 1e-7
+    (fp16/bf16 parameters are upcast and rounded back once); the fused one reads and writes each state in
+    two passes instead of many and needs no full-size temporaries.
     """
 
     def __init__(
@@ -56,6 +83,7 @@ class Lamb(torch.optim.Optimizer):
         grad_averaging: bool = True,
         max_grad_norm: float | None = 1.0,
         use_nvlamb: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Lamb needs lr >= 0 (got lr={lr})")
@@ -81,6 +109,19 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # Global across groups, like apex (which reads it from self.defaults), since the norm is global.
         self.max_grad_norm = max_grad_norm or 0.0
+        self.fused = fused
+        # Address tables of the fused kernels, rebuilt only when a tensor moves (see TensorTable.holds).
+        self._fused_tables: dict = {}
+        if fused:
+            self._require_fused_support()
+
+    def _require_fused_support(self) -> None:
+        """Fail at construction, not at the first step, when ``fused=True`` cannot be honoured."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                problem = _fused_support_problem(p.device, p.dtype)
+                if problem is not None:
+                    raise ValueError(f"Lamb(fused=True): {problem}; pass fused=None to choose per device")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -92,13 +133,42 @@ class Lamb(torch.optim.Optimizer):
         params_per_group = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
         clip_divisor = self._clip_divisor([p for params in params_per_group for p in params])
 
-        for group, params in zip(self.param_groups, params_per_group):
+        for index, (group, params) in enumerate(zip(self.param_groups, params_per_group)):
             # Every group counts the step, as apex does, so group 0's counter is the optimizer's.
             group["step"] = group.get("step", 0) + 1
-            for (device, _), bucket in _by_device_and_dtype(params).items():
+            for (device, dtype), bucket in _by_device_and_dtype(params).items():
                 divisor = None if clip_divisor is None else clip_divisor.to(device)
-                self._update_bucket(group, bucket, divisor)
+                exp_avgs, exp_avg_sqs = self._states(bucket)
+                rows = [bucket, [p.grad for p in bucket], exp_avgs, exp_avg_sqs]
+                dtypes = (dtype, dtype, _compute_dtype(dtype), _compute_dtype(dtype))
+                table = self._fused_table(("update", index, device, dtype), rows, dtypes)
+                if table is not None:
+                    self._update_bucket_fused(group, table, dtype, divisor)
+                else:
+                    self._update_bucket(group, bucket, exp_avgs, exp_avg_sqs, divisor)
         return loss
+
+    def _fused_table(self, key: tuple, rows: list[list[torch.Tensor]], dtypes: tuple) -> lamb_triton.TensorTable | None:
+        """The kernels' table for these tensors, or None when the foreach path must take them.
+
+        ``key`` names the bucket; ``dtypes`` gives each row's required dtype. With ``fused=True`` a bucket
+        the kernels cannot take is an error rather than a silent fall-back.
+        """
+        if self.fused is False:
+            return None
+        problem = _fused_support_problem(rows[0][0].device, dtypes[0])
+        if problem is None:
+            table = self._fused_tables.get(key)
+            if table is not None and table.holds(rows):
+                return table
+            problem = lamb_triton.layout_problem(rows, dtypes)
+        if problem is None:
+            table = lamb_triton.TensorTable(rows)
+            self._fused_tables[key] = table
+            return table
+        if self.fused:
+            raise RuntimeError(f"Lamb(fused=True) cannot step these parameters: {problem}")
+        return None
 
     def _clip_divisor(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """Return max(1, ‖g‖/max_grad_norm) over all grads as a tensor, or None when clipping is off.
@@ -110,34 +180,73 @@ class Lamb(torch.optim.Optimizer):
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         first_device = params[0].device
         norms = []
-        for (_, dtype), bucket in _by_device_and_dtype(params).items():
-            grad_norms = torch._foreach_norm([p.grad for p in bucket], dtype=_compute_dtype(dtype))
-            norms.append(torch.stack(grad_norms).to(device=first_device, dtype=norm_dtype))
+        for (device, dtype), bucket in _by_device_and_dtype(params).items():
+            grads = [p.grad for p in bucket]
+            table = self._fused_table(("grads", device, dtype), [grads], (dtype,))
+            if table is not None:
+                bucket_norms = lamb_triton.grad_norm(table, dtype)
+            else:
+                bucket_norms = torch.stack(torch._foreach_norm(grads, dtype=_compute_dtype(dtype)))
+            norms.append(bucket_norms.to(device=first_device, dtype=norm_dtype))
         global_norm = torch.linalg.vector_norm(torch.cat(norms))
         ratio = global_norm / self.max_grad_norm
         return torch.where(ratio > 1.0, ratio, torch.ones_like(ratio))
 
-    def _update_bucket(
-        self, group: dict, params: list[torch.Tensor], clip_divisor: torch.Tensor | None
-    ) -> None:
-        """One LAMB step for parameters of one device and dtype; the math follows apex's multi_tensor_lamb."""
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay, step = group["lr"], group["eps"], group["weight_decay"], group["step"]
-        compute_dtype = _compute_dtype(params[0].dtype)
-        upcast = params[0].dtype != compute_dtype
-
+    def _states(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each parameter's (exp_avg, exp_avg_sq), created as zeros in the compute dtype on first use."""
         exp_avgs, exp_avg_sqs = [], []
         for p in params:
             state = self.state[p]
             if not state:
-                state["exp_avg"] = torch.zeros_like(
-                    p, dtype=compute_dtype, memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, dtype=compute_dtype, memory_format=torch.preserve_format
-                )
+                compute_dtype = _compute_dtype(p.dtype)
+                state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
+        return exp_avgs, exp_avg_sqs
+
+    @staticmethod
+    def _bias_corrections(group: dict) -> tuple[float, float]:
+        if not group["bias_correction"]:
+            return 1.0, 1.0
+        beta1, beta2 = group["betas"]
+        return 1.0 - beta1 ** group["step"], 1.0 - beta2 ** group["step"]
+
+    def _update_bucket_fused(
+        self, group: dict, table: lamb_triton.TensorTable, dtype: torch.dtype, clip_divisor: torch.Tensor | None
+    ) -> None:
+        """The same step as :meth:`_update_bucket` through the Triton kernels (see bert/lamb_triton.py)."""
+        beta1, beta2 = group["betas"]
+        bias_correction1, bias_correction2 = self._bias_corrections(group)
+        weight_decay = float(group["weight_decay"])
+        lamb_triton.lamb_update(
+            table,
+            dtype,
+            None if clip_divisor is None else clip_divisor.to(torch.float32).reshape(1),
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            beta3=(1.0 - beta1) if group["grad_averaging"] else 1.0,
+            eps=float(group["eps"]),
+            weight_decay=weight_decay,
+            bias_correction1=bias_correction1,
+            bias_correction2=bias_correction2,
+            adapt=weight_decay != 0.0 or group["use_nvlamb"],
+        )
+
+    def _update_bucket(
+        self,
+        group: dict,
+        params: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        clip_divisor: torch.Tensor | None,
+    ) -> None:
+        """One LAMB step for parameters of one device and dtype; the math follows apex's multi_tensor_lamb."""
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        compute_dtype = _compute_dtype(params[0].dtype)
+        upcast = params[0].dtype != compute_dtype
 
         work_params = [p.to(compute_dtype) for p in params] if upcast else params
         grads = [p.grad.to(compute_dtype) for p in params] if upcast else [p.grad for p in params]
@@ -150,10 +259,7 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
-        if group["bias_correction"]:
-            bias_correction1, bias_correction2 = 1.0 - beta1**step, 1.0 - beta2**step
-        else:
-            bias_correction1 = bias_correction2 = 1.0
+        bias_correction1, bias_correction2 = self._bias_corrections(group)
         # u = (m/bc1) / (sqrt(v/bc2) + eps) + wd·p, in apex's order of operations.
         denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
         torch._foreach_sqrt_(denoms)
@@ -194,9 +300,16 @@ class Lamb(torch.optim.Optimizer):
                 if torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=_compute_dtype(p.dtype), copy=True)
 
+    def __getstate__(self) -> dict:
+        # torch pickles only defaults, state and groups; keep the two global settings too (not the tables,
+        # which hold this process's device addresses).
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "fused": self.fused}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", 1.0)
+        self.__dict__.setdefault("fused", None)
+        self._fused_tables = {}
 
 
 def bert_param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:

@@ -13,7 +13,7 @@ import torch
 
 from bert.modeling import BertConfig, BertForPreTrainingWithCriterion, count_parameters
 from rannc.config import RannConfig
-from rannc.plan.dry_run import plan_dry_run
+from rannc.deploy import plan_dry_run
 from rannc.profile.estimate import DEVICES
 
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None):
                         help="plan the seed's MLM head over every position instead of the masked positions")
     parser.add_argument("--mem_limit_gb", type=float, default=0.0)
     parser.add_argument("--partition_num", type=int, default=0)
+    parser.add_argument("--png", default=None, help="draw the plan (stages, memory, simulated step) into this file")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     config = BertConfig.from_json_file(args.config_file)
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None):
     rannc_config = RannConfig(mem_limit_gb=args.mem_limit_gb, partition_num=args.partition_num)
     deployment = plan_dry_run(model, inputs, args.np, args.batch_size, DEVICES[args.device], rannc_config)
     print(deployment.table())
-    print(f"dry-run plan finished in {time.perf_counter() - t0:.1f} s")
+    print(f"dry-run plan finished in {time.perf_counter() - t0:.1f} s (planning {deployment.planning_s:.2f} s)")
+    if args.png:
+        from rannc.plan.picture import draw
+        print(f"drew {draw(deployment, args.png)}")
     return deployment
 
 

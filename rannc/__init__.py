@@ -4,11 +4,11 @@ recomputation) for unmodified PyTorch models. The public API lives here and only
 from __future__ import annotations
 
 from rannc.config import ConfigError, RannConfig, load_config  # noqa: E402
+from rannc.deploy import plan_dry_run  # noqa: E402
 from rannc.dist import barrier, get_rank, get_world_size  # noqa: E402
 from rannc.graph.capture import CaptureError  # noqa: E402
 from rannc.module import FLAGS, RaNNCModule  # noqa: E402
 from rannc.plan.deployment import Deployment, DeploymentError, show_deployment  # noqa: E402
-from rannc.plan.dry_run import plan_dry_run  # noqa: E402
 from rannc.plan.planner import PlanningError  # noqa: E402
 from rannc.profile.estimate import DEVICES, DeviceSpec  # noqa: E402
 from rannc.version import __version__  # noqa: E402,F401

@@ -107,6 +107,12 @@ class RannConfig:
     recompute: str = dataclasses.field(
         default="auto", metadata={"help": "activation recomputation per stage: auto (where memory needs it), "
                                           "always, never"})
+    accumulate_grads: bool = dataclasses.field(
+        default=True, metadata={"help": "the planner keeps the gradients' memory through the forward pass "
+                                        "(accumulation over several calls); False when every step ends with "
+                                        "zero_grad(set_to_none=True), which frees it for activations"})
+    plan_grad_clipping: bool = dataclasses.field(
+        default=True, metadata={"help": "the planner counts a global gradient clipping in every step"})
     max_blocks: int = dataclasses.field(
         default=128, metadata={"help": "at most this many blocks are planned over (coarsening target)"})
     profile_cache_dir: str = dataclasses.field(

@@ -3,12 +3,8 @@ then hands every call to the engine (`runtime/engine.py`), which runs the pipeli
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import math
-import sys
-import time
 import zlib
 from collections import OrderedDict
 from typing import Any
@@ -19,19 +15,13 @@ import torch.nn as nn
 
 from rannc import dist as rdist
 from rannc.config import RannConfig, load_config, show_items
-from rannc.graph.blocks import linearize, make_blocks
-from rannc.graph.capture import capture, preserved_state, retarget_device
+from rannc.deploy import first_call
 from rannc.graph.signature import CallSignature
-from rannc.graph.stage import build_stage
 from rannc.log import setup_logging
 from rannc.plan.deployment import Deployment
-from rannc.plan.planner import microbatch_candidates, plan
-from rannc.profile.profiler import build_profile_set, measure_links
 from rannc.runtime import grads as grad_ops
 from rannc.runtime.engine import CallFlags, Engine
 from rannc.runtime.optimizer import OptimizerPatch
-from rannc.runtime.outputs import OutputRouter
-from rannc.runtime.pipeline import StageRuntime
 from rannc.runtime.placement import Placement
 from rannc.runtime.state import fetch_tensor, gather_state_dict, load_into_local, restore_all
 
@@ -107,7 +97,11 @@ class RaNNCModule(nn.Module):
         global_args = None
         if self._engine is None:
             global_args = self._global_batch(tensors)
-            self._deploy(args, kwargs, tensors, global_args)
+            installed = first_call(self.model, self._optimizer_patch, self.config, args, kwargs, tensors,
+                                   global_args, self.device, FLAGS.sync_params_on_init, self.save_trace)
+            self._captured, self._deployment = installed.captured, installed.deployment
+            self._placement, self._engine = installed.placement, installed.engine
+            self._state_keys = installed.state_keys
         local = self._local_rows_only()
         batch_args = tensors if local else (global_args or self._global_batch(tensors))
         leaves = self._engine.run(batch_args, local, self.config.gather_inputs, train=self.training,
@@ -245,143 +239,6 @@ class RaNNCModule(nn.Module):
             json.dump({"traceEvents": runtime.trace}, f)
         return path
 
-    # ---- the first call ------------------------------------------------------------------------------
-    def _deploy(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor], global_args: list[torch.Tensor]) -> None:
-        cfg = self.config
-        t0 = time.perf_counter()
-        logger.info("Tracing model ...")
-        self._state_keys = list(self.model.state_dict().keys())
-        named = OrderedDict(list(self.model.named_parameters(remove_duplicate=False))
-                            + list(self.model.named_buffers(remove_duplicate=False)))
-        if self._optimizer_patch is not None:
-            model_params = {id(p) for p in named.values()}
-            stray = [p for g in self._optimizer_patch.full_groups for p in g if id(p) not in model_params]
-            if stray:
-                raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
-        model_device = next((t.device for t in named.values()), torch.device("cpu"))
-        with preserved_state(self.model):  # profiling must not count as training (capture preserves on its own)
-            call = CallSignature.of(args, kwargs)
-            local_args, local_kwargs = call.rebuild(tuple(t.detach().to(model_device) for t in tensors))
-            error = None
-            try:
-                captured = capture(self.model, local_args, local_kwargs)
-                retarget_device(captured.gm, self.device)
-                lin = linearize(captured)
-                blocks = make_blocks(lin, cfg.max_blocks)
-            except Exception as exc:  # raised on every rank, not only where it happened
-                error = exc
-            rdist.agree_or_raise(error, "capturing the model")
-            self._captured = captured
-            self._announce_outputs(captured)
-            batch_size = global_args[captured.batched_inputs.index(True)].shape[0] if any(
-                captured.batched_inputs) else 1
-            logger.info("Captured %d operations in %d blocks (%d cut points) in %.1f s", lin.size, blocks.count,
-                        len(lin.valid_cuts), time.perf_counter() - t0)
-            plan_world = cfg.partitioning_dry_run_np or self.world_size
-            deployment, error = None, None
-            links = measure_links(self.device) if not cfg.load_deployment and self.world_size > 1 else {}
-            if self.rank == 0:
-                try:
-                    deployment = self._make_plan(captured, lin, blocks, global_args, batch_size, plan_world, links)
-                except Exception as exc:  # every rank must learn of it, not wait for a plan
-                    error = exc
-            deployment, message = rdist.broadcast_object((deployment, None if error is None else
-                                                          f"{type(error).__name__}: {error}"))
-        if error is not None:
-            raise error
-        if message is not None:
-            raise RuntimeError(f"planning failed on rank 0: {message}")
-        logger.info("%s", deployment.table())
-        if cfg.save_deployment and self.rank == 0 and not cfg.load_deployment:
-            deployment.save(cfg.deployment_file)
-            logger.info("Saved deployment to %s", cfg.deployment_file)
-        if cfg.partitioning_dry_run_np:
-            logger.info("partitioning_dry_run_np=%d: planned without running; exiting",
-                        cfg.partitioning_dry_run_np)
-            rdist.barrier()
-            sys.exit(0)
-        self._install(captured, lin, deployment, named)
-        logger.info("RaNNCModule is ready (%.1f s). (rank0)", time.perf_counter() - t0)
-
-    def _announce_outputs(self, captured) -> None:
-        """Say once what the user should know about the captured model's results and layers."""
-        outputs = captured.outputs
-        if outputs.dropped and self.rank == 0:
-            logger.warning("rannc drops these outputs, which are not tensors or plain values, and returns None "
-                           "in their place: %s", ", ".join(outputs.dropped))
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) and self.rank == 0:
-            logger.warning("the model has BatchNorm layers: batch statistics are computed per micro-batch and "
-                           "replica (as DDP without SyncBatchNorm); running statistics are averaged over a "
-                           "stage's replicas after every training call")
-
-    def _make_plan(self, captured, lin, blocks, global_args, batch_size, plan_world, links) -> Deployment:
-        cfg = self.config
-        if cfg.load_deployment:
-            deployment = Deployment.load(cfg.deployment_file)
-            deployment.check_fits(captured.fingerprint, plan_world, batch_size, cfg.deployment_file)
-            logger.info("Loaded deployment from %s", cfg.deployment_file)
-            return deployment
-        sizes = set()
-        stage_counts = [cfg.partition_num] if cfg.partition_num else range(1, plan_world + 1)
-        for s in stage_counts:
-            r = max(1, plan_world // s)
-            for m in microbatch_candidates(cfg, batch_size, r):
-                sizes.add(math.ceil(batch_size / (m * r)))
-        sizes = sorted(sizes)
-        if cfg.profile_by_acc:
-            # never run the large micro-batches on the device: measure the two smallest and extend the line
-            sample_sizes = sizes[:2]
-        else:
-            sample_sizes = sorted({sizes[0], sizes[-1]})
-        logger.info("Running profiler ...")
-        profile = build_profile_set(captured, lin, blocks, global_args, sample_sizes, self.device, links,
-                                    cfg.profile_repeats, cfg.profile_cache_dir, _autocast_dtype(self.device),
-                                    log=logger.info, show_progress=cfg.verbose)
-        logger.info("Profiling finished")
-        logger.info("Assuming batch size: %d", batch_size)
-        return plan(profile, blocks, plan_world, batch_size, cfg, captured.fingerprint)
-
-    def _install(self, captured, lin, deployment: Deployment, named: dict) -> None:
-        stages = [build_stage(captured, lin, s.start, s.end) for s in deployment.stages]
-        if FLAGS.sync_params_on_init and self.world_size > 1:
-            comm = rdist.comm_device()
-            with torch.no_grad():
-                for t in dict.fromkeys(named.values()):
-                    buf = t.detach().to(comm)
-                    dist.broadcast(buf, 0)
-                    t.copy_(buf.to(t.device))
-        placement = Placement(stages, deployment, self.rank, named)
-        placement.place(self.device)
-        self._placement = placement
-        runtime, stage, replica = None, None, 0
-        my_stage = deployment.stage_of_rank(self.rank)
-        if my_stage is not None:
-            plan_s = deployment.stages[my_stage]
-            replica = plan_s.ranks.index(self.rank)
-            prev_rank = deployment.stages[my_stage - 1].ranks[replica] if my_stage > 0 else None
-            next_rank = deployment.stages[my_stage + 1].ranks[replica] if my_stage + 1 < len(stages) else None
-            stage = stages[my_stage]
-            runtime = StageRuntime(stage, captured.batched_inputs, self.device, prev_rank, next_rank,
-                                   plan_s.recompute)
-            if self.config.trace_events:
-                runtime.trace, runtime.trace_pid = [], self.rank
-                atexit.register(self.save_trace)
-        if self._optimizer_patch is not None:
-            self._optimizer_patch.deploy(placement)
-        outputs = captured.outputs
-        interleaved = deployment.schedule == "1f1b"
-        if interleaved and outputs.kinds != ["scalar"]:
-            if self.rank == 0:
-                logger.warning("schedule '1f1b' runs backwards inside the call and needs a model returning one "
-                               "scalar loss; this model returns %d outputs: running GPipe", len(outputs.kinds))
-            interleaved = False
-        router = OutputRouter(outputs, self.rank, self.world_size, self.device, self.config.gather_inputs)
-        self._engine = Engine(deployment, placement, runtime, stage, router, captured.batched_inputs, self.rank,
-                              self.world_size, self.device, replica, interleaved)
-        if self._engine.reducer is not None:
-            self.model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
-        self._deployment = deployment
-
     # ---- every call ----------------------------------------------------------------------------------
     def _check_tensors(self, tensors: list[torch.Tensor], call: CallSignature) -> None:
         if self.device.type == "cuda":
@@ -494,6 +351,3 @@ def _input_mismatch(reports: list, base: int) -> str:
                         f"{their_shape[0]} on rank {rank}; every rank must pass a local batch of the same size")
     return "the ranks' inputs differ"
 
-
-def _autocast_dtype(device: torch.device):
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 from torch import nn
 
+import bert.optim
 from bert.loss_scaling import DynamicLossScaler, unscale_
 from bert.optim import Lamb, bert_param_groups
 from bert.schedulers import PolyWarmUpScheduler
@@ -217,6 +221,79 @@ def test_lamb_keeps_fp32_moments_for_bf16_params_across_load():
     reloaded.load_state_dict(optimizer.state_dict())
     for s, t in zip(reloaded.state.values(), optimizer.state.values()):
         assert s["exp_avg_sq"].dtype == torch.float32 and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
+
+
+@pytest.fixture
+def plain_cpu(monkeypatch):
+    """Under Triton's interpreter the kernels also run on CPU; these tests are about a plain CPU build."""
+    if bert.optim.lamb_triton is not None:
+        monkeypatch.setattr(bert.optim.lamb_triton, "INTERPRETED", False)
+
+
+def test_lamb_dispatch_takes_foreach_on_cpu(plain_cpu, monkeypatch):
+    # fused=None chooses per bucket: CPU tensors have no fused kernels, so the foreach update must run.
+    calls = []
+    foreach_update = Lamb._update_bucket
+    monkeypatch.setattr(Lamb, "_update_bucket", lambda self, *a: calls.append("foreach") or foreach_update(self, *a))
+    monkeypatch.setattr(Lamb, "_update_bucket_fused", lambda self, *a: calls.append("fused"))
+    model = make_model(torch.float32)
+    flat = [p for group in bert_param_groups(model) for p in group["params"]]
+    before = [p.detach().clone() for p in flat]
+    optimizer, params = run_lamb(model, make_grads(flat, steps=2, grad_scale=3.0), lr=0.02, max_grad_norm=1.0)
+    assert optimizer.fused is None and calls == ["foreach"] * 4  # two groups, two steps
+    assert not optimizer._fused_tables
+    assert all(not torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_lamb_fused_true_on_cpu_raises(plain_cpu):
+    with pytest.raises(ValueError, match=r"fused=True.*CUDA tensors.*cpu"):
+        Lamb([nn.Parameter(torch.ones(3))], lr=0.1, fused=True)
+    Lamb([nn.Parameter(torch.ones(3))], lr=0.1, fused=False)  # the foreach path is always available
+
+
+def test_lamb_pickling_keeps_global_settings():
+    optimizer = Lamb([nn.Parameter(torch.ones(3))], lr=0.1, max_grad_norm=0, fused=False)
+    clone = copy.deepcopy(optimizer)
+    assert clone.max_grad_norm == 0.0 and clone.fused is False and clone._fused_tables == {}
+
+
+INTERPRETER_CHECK = """
+import torch
+from bert.optim import Lamb
+torch.manual_seed(0)
+shapes = [(70001,), (5,), (3, 7), (2048,)]
+runs = []
+for fused in (None, False):
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+              for i, s in enumerate(shapes)]
+    with torch.no_grad():
+        params[2].zero_()
+    groups = [{"params": params[:3], "weight_decay": 0.01}, {"params": params[3:], "weight_decay": 0.0}]
+    optimizer = Lamb(groups, lr=0.02, max_grad_norm=1.0, fused=fused)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        for p in params:
+            p.grad = 3.0 * torch.randn(p.shape, generator=gen)
+        optimizer.step()
+    assert bool(optimizer._fused_tables) == (fused is None)
+    runs.append(params)
+for p, q in zip(*runs):
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+print("fused matches foreach")
+"""
+
+
+def test_fused_kernels_match_foreach_under_triton_interpreter():
+    """The Triton kernels on CPU through Triton's interpreter (skipped where Triton is not installed)."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused matches foreach" in result.stdout
 
 
 def test_bert_param_groups_excludes_biases_and_layer_norms_by_name_or_type():

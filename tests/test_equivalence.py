@@ -88,7 +88,7 @@ def test_training_matches_single_process(world):
     _check(run_ranks(_matrix, world, _cases(world, 1), timeout=600))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3])
 def test_gradient_accumulation_matches_single_process(world):
     cases = [c for c in _cases(world, 4) if c[2] == "adam" or c[0] == "mlp"]
     _check(run_ranks(_matrix, world, cases, timeout=600))

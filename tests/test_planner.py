@@ -120,3 +120,39 @@ def test_dry_run_plan_of_the_49b_bert_for_8_devices_is_fast(capsys):
     assert all(s.memory_bytes <= deployment.memory_limit_bytes for s in deployment.stages)
     assert len(deployment.stages) >= 2   # 78 GB of fp32 weights, grads and LAMB states cannot fit one 80 GB card
     assert "4.91 B parameters" in capsys.readouterr().out
+
+
+def tiny_factory():
+    """For `rannc plan`: a 4-layer MLP and an example batch."""
+    import torch
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)])
+    return model, (torch.randn(8, 32),)
+
+
+def test_show_and_plan_commands_draw_pictures(tmp_path, capsys):
+    import json
+
+    from rannc.cli import main
+    d = plan(_profile(param_bytes=GB, memory=40 * GB), _bounds(16), 4, 64, RannConfig(mem_margin=0.1), "f")
+    assert len(d.stages) > 1
+    path = tmp_path / "d.json"
+    d.save(path)
+    trace = tmp_path / "trace.rank0"
+    events = [{"name": "F0", "ph": "X", "pid": 0, "tid": 0, "ts": 0, "dur": 500},
+              {"name": "B0", "ph": "X", "pid": 0, "tid": 0, "ts": 600, "dur": 900}]
+    trace.write_text(json.dumps({"traceEvents": events}))
+    main(["show", str(path), "--png", str(tmp_path / "d.png"), "--trace", str(trace)])
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+    main(["plan", "tests.test_planner:tiny_factory", "--np", "2", "--png", str(tmp_path / "p.png"),
+          "--save", str(tmp_path / "p.json")])
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    assert Deployment.load(tmp_path / "p.json").world_size == 2
+    assert "planned in" in capsys.readouterr().out
+
+
+def test_too_few_rows_for_min_pipeline_is_a_clear_error():
+    from rannc.plan.planner import profile_sizes
+    with pytest.raises(PlanningError, match="min_pipeline=4"):
+        plan(_profile(param_bytes=10**7), _bounds(16), 2, 2, RannConfig(min_pipeline=4), "f")
+    with pytest.raises(PlanningError, match="global batch of 2 rows"):
+        profile_sizes(RannConfig(min_pipeline=4), 2, 16, 2)

@@ -323,28 +323,10 @@ def _run_case(rank: int, world: int, stages: int, name: str, way: str, settings:
     errors.add("first-module-state", state[param_names[0]], model_state[param_names[0]], "after resume")
 
 
-def _measure_links_once() -> None:
-    """rannc measures the links (64 MiB ping-pongs and all-reduces, 1-2 s on this CPU) at every
-    RaNNCModule's deployment; this file deploys dozens of modules per process: measure at the first
-    deployment only and give the later ones the same numbers (every rank does the same, so the collectives
-    still match). Test-side only: the planner sees the numbers it would have measured."""
-    import rannc.module as module
-
-    measure, cache = module.measure_links, {}
-
-    def cached(device):
-        if "links" not in cache:
-            cache["links"] = measure(device)
-        return dict(cache["links"])
-
-    module.measure_links = cached
-
-
 def _worker(rank: int, world: int, cases: list, sabotage: str | None = None) -> list:
     """cases: (stages, name, way); returns per case (case, settings, info, worst errors, error text, seconds)."""
     import rannc
 
-    _measure_links_once()
     out = []
     for stages, name, way in cases:
         settings = _settings(world, stages, name, way)
@@ -422,10 +404,14 @@ def _run(world: int, sabotage: str | None = None):
 
 
 def _included(world: int, stages: int, name: str, way: str) -> bool:
-    """The full matrix: every model both ways at every (world, stages). "nograd" matters where BatchNorm
-    statistics are averaged over replicas: one stage on several ranks."""
+    """Every model both ways at 1 and 2 ranks; at 3 ranks half of the models (alternating, so that each
+    (stages, way) sees both halves' kinds of model) and always the tied-embedding and BatchNorm ones, which
+    is what keeps the suite's time in bounds. "nograd" matters where BatchNorm statistics are averaged over
+    replicas: one stage on several ranks."""
     if way == "nograd":
         return stages == 1 and world > 1
+    if world == 3 and name not in ALWAYS_RESUME:
+        return (NAMES.index(name) + stages) % 2 == 0
     return True
 
 

@@ -26,6 +26,10 @@ class StagePlan:
     param_bytes: int = 0
     activation_bytes: int = 0
     memory_bytes: int = 0          # everything the stage needs on one device
+    send_ms: float = 0.0           # per micro-batch, to the next stage
+    exposed_allreduce_ms: float = 0.0   # the all-reduce's part not hidden behind the backward
+    optimizer_ms: float = 0.0      # once per step
+    clip_ms: float = 0.0           # once per step
 
     @property
     def replicas(self) -> int:
@@ -44,6 +48,9 @@ class Deployment:
     memory_limit_bytes: int = 0
     schedule: str = "gpipe"
     version: int = 1
+    bubble_fraction: float = 0.0   # simulated idle share of the pipeline's stage time
+    planning_s: float = 0.0
+    candidates_considered: int = 0
 
     @property
     def replicas(self) -> int:
@@ -97,16 +104,25 @@ class Deployment:
         """The partition report, one line per stage, like RaNNC's DPStaging log."""
         lines = [f"Deployment: stages={len(self.stages)} replicas={self.replicas} "
                  f"micro-batches={self.microbatch_count} batch_size={self.batch_size} ranks={self.world_size} "
-                 f"schedule={self.schedule} predicted_step={self.predicted_step_ms:.2f} ms"
+                 f"schedule={self.schedule} predicted_step={self.predicted_step_ms:.2f} ms "
+                 f"bubble={self.bubble_fraction:.1%}"
                  + (f" mem_limit={self.memory_limit_bytes / 2**30:.1f} GiB" if self.memory_limit_bytes else ""),
                  f"{'stage':>5} {'blocks':>11} {'ranks':>14} {'cp':>3} {'fwd_ms':>9} {'bwd_ms':>9} "
-                 f"{'ar_ms':>9} {'params':>10} {'act':>10} {'mem':>10}"]
+                 f"{'ar_ms':>9} {'tail_ms':>9} {'params':>10} {'act':>10} {'mem':>10}"]
         for i, s in enumerate(self.stages):
+            tail = s.exposed_allreduce_ms + s.optimizer_ms + s.clip_ms
             lines.append(
-                f"{i:>5} {f'{s.first_block}-{s.end_block - 1}':>11} {str(s.ranks):>14} "
+                f"{i:>5} {f'{s.first_block}-{s.end_block - 1}':>11} {_ranks(s.ranks):>14} "
                 f"{'y' if s.recompute else 'n':>3} {s.fwd_ms:9.3f} {s.bwd_ms:9.3f} {s.allreduce_ms:9.3f} "
-                f"{_gib(s.param_bytes):>10} {_gib(s.activation_bytes):>10} {_gib(s.memory_bytes):>10}")
+                f"{tail:9.3f} {_gib(s.param_bytes):>10} {_gib(s.activation_bytes):>10} {_gib(s.memory_bytes):>10}")
         return "\n".join(lines)
+
+
+def _ranks(ranks: list[int]) -> str:
+    """[0, 1, 2, 3] as 0-3; other lists as they are."""
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return str(ranks)
 
 
 def _gib(n: int) -> str:

@@ -1,208 +1,297 @@
-"""The planner: dynamic programming over contiguous block ranges.
+"""The planner: the search over plans, and the one owner of the space it searches (stage counts, replicas,
+micro-batch counts, recomputation, and so the micro-batch sizes the profiler must measure).
 
-For every number of stages S (each with N // S data-parallel replicas) and every micro-batch count M,
-it splits the blocks into S contiguous stages minimising the slowest stage's time per micro-batch,
-choosing recomputation per stage only where activations would not fit, under the device memory minus
-the margin. The predicted step time of a GPipe step, (M + S - 1) x slowest stage + the slowest gradient
-all-reduce, picks the winner. With enough memory this is plain data parallelism (S = 1, M = 1).
+For every micro-batch count M and replica count r it finds, for every stage count S with S x r <= devices,
+the split of the blocks into S contiguous stages that minimises the cost model's step
+(M + S - 1) x slowest slot + longest tail (`rannc/plan/cost.py`), exactly: a dynamic program over the blocks
+from the last one backwards gives the smallest slowest slot for every S at once (a stage's held activations
+depend only on its distance from the pipeline's end), and a walk over thresholds on the tail makes the sum of
+the two maxima exact. Micro-batch counts and stage counts whose lower bound cannot beat the best plan found
+are skipped. Among all candidates the simplest plan (fewer stages, fewer recomputing stages, fewer
+micro-batches) wins unless another is predicted at least `SIMPLER_PLAN_MARGIN` faster, so that profile noise
+does not flip plans.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from dataclasses import dataclass
+import time
+
+import numpy as np
 
 from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks
+from rannc.plan.cost import MIN_STAGE_FRACTION, CostModel, RangeTable, StageCost, step_ms
 from rannc.plan.deployment import Deployment, StagePlan
 from rannc.profile.profiles import ProfileSet
-from rannc.schedule import in_flight
+from rannc.schedule import get as get_schedule
+from rannc.schedule import in_flight, simulate
+
+logger = logging.getLogger("rannc.planner")
+
+SIMPLER_PLAN_MARGIN = 0.03
+MAX_TAIL_THRESHOLDS = 256      # per (replicas, micro-batches): far above what real profiles need
 
 
 class PlanningError(RuntimeError):
     """No partition fits the devices' memory."""
 
 
-@dataclass
-class _StageCost:
-    time_ms: float
-    fwd_ms: float
-    bwd_ms: float
-    allreduce_ms: float
-    param_bytes: int
-    activation_bytes: int
-    memory_bytes: int
-    recompute: bool
+@dataclasses.dataclass
+class Candidate:
+    """The best split for one (stage count, replicas, micro-batch count)."""
+
+    step_ms: float
+    stage_count: int
+    replicas: int
+    microbatches: int
+    samples: int
+    ranges: list[tuple[int, int]]
+    costs: list[StageCost]
+
+    @property
+    def simplicity(self) -> tuple[int, int, int]:
+        return (self.stage_count, sum(c.recompute for c in self.costs), self.microbatches)
 
 
-class _RangeCosts:
-    """O(1) sums over block ranges, with tensors used by several blocks counted once per range."""
-
-    def __init__(self, profile: ProfileSet, opt_param_factor: int, recompute: str = "auto",
-                 schedule: str = "gpipe"):
-        self.profile = profile
-        self.profile_opt_factor = opt_param_factor
-        self.recompute = recompute
-        self.schedule = schedule
-        blocks = profile.blocks
-        users: dict[str, list[int]] = {}
-        for k, block in enumerate(blocks):
-            for name in dict.fromkeys(block.tensors):
-                users.setdefault(name, []).append(k)
-        self.shared = [(name, ks) for name, ks in users.items() if len(ks) > 1]
-        single_bytes = [0] * len(blocks)
-        single_grad = [0] * len(blocks)
-        for name, ks in users.items():
-            if len(ks) == 1:
-                single_bytes[ks[0]] += profile.tensor_bytes[name]
-                if profile.trainable.get(name, False):
-                    single_grad[ks[0]] += profile.tensor_bytes[name]
-        self.prefix_bytes = _prefix(single_bytes)
-        self.prefix_grad = _prefix(single_grad)
-
-    def tensor_bytes(self, i: int, j: int) -> tuple[int, int]:
-        total = self.prefix_bytes[j] - self.prefix_bytes[i]
-        grad = self.prefix_grad[j] - self.prefix_grad[i]
-        for name, ks in self.shared:
-            if any(i <= k < j for k in ks):
-                total += self.profile.tensor_bytes[name]
-                if self.profile.trainable.get(name, False):
-                    grad += self.profile.tensor_bytes[name]
-        return total, grad
-
-
-def _prefix(values: list[float]) -> list[float]:
-    out = [0]
-    for v in values:
-        out.append(out[-1] + v)
-    return out
-
+# ---- the space ---------------------------------------------------------------------------------------------
 
 def microbatch_candidates(config: RannConfig, batch_size: int, replicas: int) -> list[int]:
     """Powers of two between min_pipeline and max_pipeline (and the bounds), at most the samples per
-    replica."""
-    top = min(config.max_pipeline, max(1, batch_size // replicas))
+    replica (every micro-batch of every replica gets at least one row)."""
+    top = min(config.max_pipeline, batch_size // replicas)
     values = {m for m in (2**e for e in range(0, 16)) if config.min_pipeline <= m <= top}
     values.update(m for m in (config.min_pipeline, top) if config.min_pipeline <= m <= top)
     return sorted(values)
 
 
+def stage_counts(config: RannConfig, world_size: int, block_count: int) -> list[int]:
+    if config.partition_num:
+        if config.partition_num > min(world_size, block_count):
+            raise PlanningError(f"partition_num={config.partition_num} exceeds the {world_size} processes or "
+                                f"the {block_count} blocks of the model")
+        return [config.partition_num]
+    return list(range(1, min(world_size, block_count) + 1))
+
+
+def space(config: RannConfig, world_size: int, block_count: int, batch_size: int) -> dict[tuple[int, int], list[int]]:
+    """(replicas, micro-batches) -> the stage counts searched with them."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for s in stage_counts(config, world_size, block_count):
+        r = world_size // s
+        for m in microbatch_candidates(config, batch_size, r):
+            groups.setdefault((r, m), []).append(s)
+    return groups
+
+
+def microbatch_size(batch_size: int, replicas: int, microbatches: int) -> int:
+    """Rows of the largest micro-batch a replica runs."""
+    return max(1, math.ceil(batch_size / (microbatches * replicas)))
+
+
+def profile_sizes(config: RannConfig, world_size: int, block_count: int, batch_size: int) -> list[int]:
+    """The micro-batch sizes to profile: the smallest and the largest the search can ask about (the two
+    smallest under profile_by_acc, which never runs the large ones and extends the fitted line)."""
+    groups = space(config, world_size, block_count, batch_size)
+    if not groups:
+        raise PlanningError(_empty_space(config, world_size, block_count, batch_size))
+    sizes = sorted({microbatch_size(batch_size, r, m) for (r, m) in groups})
+    return sizes[:2] if config.profile_by_acc else sorted({sizes[0], sizes[-1]})
+
+
+def _empty_space(config: RannConfig, world_size: int, block_count: int, batch_size: int) -> str:
+    return (f"no plan gives every micro-batch of every replica a row: a global batch of {batch_size} rows, "
+            f"{world_size} processes, at most {min(world_size, block_count)} stages, min_pipeline="
+            f"{config.min_pipeline} micro-batches; use a larger batch or a smaller min_pipeline")
+
+
+def memory_cap(profile: ProfileSet, config: RannConfig) -> int:
+    return int((config.mem_limit_gb * 1e9 if config.mem_limit_gb else profile.device_memory_bytes)
+               * (1.0 - config.mem_margin))
+
+
+# ---- the search --------------------------------------------------------------------------------------------
+
+def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfig,
+           cap: int) -> tuple[list[Candidate], float]:
+    """The best candidate of every (stage count, replicas, micro-batches) that may still win, and the smallest
+    memory a stage needed where nothing fitted."""
+    groups = space(config, world_size, costs.n, batch_size)
+    # cheap bounds first, so that the best plan is found early and most groups are cut off
+    order = sorted(groups, key=lambda key: _group_bound(costs, key, groups[key], batch_size))
+    found: list[Candidate] = []
+    best = math.inf
+    smallest_need = math.inf
+    for replicas, microbatches in order:
+        bound = _group_bound(costs, (replicas, microbatches), groups[(replicas, microbatches)], batch_size)
+        if bound >= best * (1.0 + SIMPLER_PLAN_MARGIN):
+            continue
+        samples = microbatch_size(batch_size, replicas, microbatches)
+        table = costs.table(replicas, samples)
+        results, need = _best_splits(costs, table, groups[(replicas, microbatches)], microbatches, cap, best)
+        smallest_need = min(smallest_need, need)
+        for cand in results:
+            found.append(cand)
+            best = min(best, cand.step_ms)
+    return found, smallest_need
+
+
+def _group_bound(costs: CostModel, key: tuple[int, int], counts: list[int], batch_size: int) -> float:
+    """A lower bound on any plan of the group: the work of one replica spread evenly over S stages and no
+    stage faster than its slowest block, with the overhead calibration ignored (it only lowers costs)."""
+    replicas, microbatches = key
+    samples = microbatch_size(batch_size, replicas, microbatches)
+    blocks = costs.profile.blocks
+    single = [b.fwd_ms(samples) + b.bwd_ms(samples) for b in blocks]
+    total = sum(single) * MIN_STAGE_FRACTION
+    slowest = max(single) * MIN_STAGE_FRACTION
+    return min(step_ms(max(total / s, slowest), 0.0, s, microbatches) for s in counts)
+
+
+def _held(schedule: str, distance_from_end: int, microbatches: int) -> int:
+    """Micro-batches a stage holds, by its distance from the pipeline's last stage (independent of the
+    stage count for every schedule the planner uses: checked in tests)."""
+    return in_flight(schedule, 0, distance_from_end + 1, microbatches)
+
+
+def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microbatches: int, cap: int,
+                 best_so_far: float) -> tuple[list[Candidate], float]:
+    n = costs.n
+    levels = max(counts)
+    choices = [table.choose(_held(costs.schedule, e, microbatches), cap) for e in range(levels)]
+    need = math.inf
+    for slot, _, memory in choices:
+        over = ~table.invalid & ~np.isfinite(slot)
+        if over.any():
+            need = min(need, float(memory[over].min()))
+    tail = table.tail
+    # the smallest longest-tail any S-split can have (a floor for the walk below)
+    tail_floor = _bottleneck_dp([np.where(np.isfinite(s), tail, math.inf) for s, _, _ in choices], n)[0]
+    best: dict[int, tuple[float, list[tuple[int, int]]]] = {}
+    alive = {s for s in counts if math.isfinite(tail_floor[s - 1][0])}
+    limit = best_so_far * (1.0 + SIMPLER_PLAN_MARGIN)   # beyond this no candidate can be chosen
+    threshold = math.inf
+    distinct = np.unique(tail[~table.invalid])
+    for _ in range(MAX_TAIL_THRESHOLDS):
+        if not alive:
+            break
+        masked = [np.where(tail > threshold, math.inf, s) for s, _, _ in choices[:max(alive)]]
+        values, cuts = _bottleneck_dp(masked, n)
+        highest_tail = -math.inf
+        for s in sorted(alive):
+            bottleneck = values[s - 1][0]
+            if not math.isfinite(bottleneck):
+                alive.discard(s)
+                continue
+            ranges = _ranges(cuts, s, n)
+            longest_tail = max(float(tail[i, j]) for i, j in ranges)
+            value = step_ms(bottleneck, longest_tail, s, microbatches)
+            if value < best.get(s, (math.inf,))[0]:
+                best[s] = (value, ranges)
+            bound = step_ms(bottleneck, tail_floor[s - 1][0], s, microbatches)
+            if bound >= best[s][0]:          # no smaller tail threshold can beat this split: it is exact
+                alive.discard(s)
+            elif bound >= limit:             # nor can it come close enough to the best plan to be chosen
+                alive.discard(s)
+                del best[s]
+            else:
+                highest_tail = max(highest_tail, longest_tail)
+        below = distinct[distinct < highest_tail]
+        if not alive or below.size == 0:
+            break
+        threshold = float(below[-1])
+    else:
+        logger.debug("tail-threshold walk stopped after %d steps (replicas %d, micro-batches %d)",
+                     MAX_TAIL_THRESHOLDS, table.replicas, microbatches)
+    results = []
+    for s, (value, ranges) in sorted(best.items()):
+        stage_costs = [table.stage(i, j, _held(costs.schedule, s - 1 - k, microbatches), cap)
+                       for k, (i, j) in enumerate(ranges)]
+        results.append(Candidate(value, s, table.replicas, microbatches, table.samples, ranges, stage_costs))
+    return results, need
+
+
+def _bottleneck_dp(slots: list[np.ndarray], n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """values[e][i]: the smallest slowest slot over splits of blocks [i, n) into e + 1 stages, where the
+    stage at distance d from the end uses slots[d]; cuts[e][i]: where the first of those stages ends."""
+    values = [slots[0][:, n].copy()]
+    cuts = [np.full(n + 1, n)]
+    for e in range(1, len(slots)):
+        candidates = np.maximum(slots[e], values[-1][None, :])
+        cut = np.argmin(candidates, axis=1)
+        values.append(candidates[np.arange(n + 1), cut])
+        cuts.append(cut)
+    return values, cuts
+
+
+def _ranges(cuts: list[np.ndarray], stage_count: int, n: int) -> list[tuple[int, int]]:
+    ranges, i = [], 0
+    for e in range(stage_count - 1, 0, -1):
+        j = int(cuts[e][i])
+        ranges.append((i, j))
+        i = j
+    ranges.append((i, n))
+    return ranges
+
+
+def choose(candidates: list[Candidate]) -> Candidate:
+    """The simplest candidate within SIMPLER_PLAN_MARGIN of the fastest (ties broken by prediction, then
+    by the order of the space, so the same candidates always give the same plan)."""
+    fastest = min(c.step_ms for c in candidates)
+    close = [c for c in candidates if c.step_ms <= fastest * (1.0 + SIMPLER_PLAN_MARGIN)]
+    return min(close, key=lambda c: (c.simplicity, c.step_ms, c.replicas))
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------
+
 def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, config: RannConfig,
          fingerprint: str) -> Deployment:
-    memory_cap = int((config.mem_limit_gb * 1e9 if config.mem_limit_gb else profile.device_memory_bytes)
-                     * (1.0 - config.mem_margin))
-    nblocks = len(profile.blocks)
-    costs = _RangeCosts(profile, config.opt_param_factor, config.recompute, config.schedule)
-    if config.partition_num:
-        if config.partition_num > min(world_size, nblocks):
-            raise PlanningError(f"partition_num={config.partition_num} exceeds the {world_size} processes or "
-                                f"the {nblocks} blocks of the model")
-        stage_counts = [config.partition_num]
-    else:
-        stage_counts = list(range(1, min(world_size, nblocks) + 1))
-    best: tuple[float, Deployment] | None = None
-    smallest_need = math.inf
-    for stage_count in stage_counts:
-        replicas = world_size // stage_count
-        for microbatches in microbatch_candidates(config, batch_size, replicas):
-            per_replica = batch_size / (microbatches * replicas)
-            samples = math.ceil(per_replica)
-            result = _split(costs, profile, stage_count, replicas, microbatches, samples, memory_cap)
-            if isinstance(result, float):
-                smallest_need = min(smallest_need, result)
-                continue
-            bottleneck, ranges, stage_costs = result
-            step_ms = (microbatches + stage_count - 1) * bottleneck + max(c.allreduce_ms for c in stage_costs)
-            if best is None or step_ms < best[0] * 0.999:
-                stages = [StagePlan(first_block=i, end_block=j, start=blocks.bounds[i], end=blocks.bounds[j],
-                                    ranks=list(range(s * replicas, (s + 1) * replicas)), recompute=c.recompute,
-                                    fwd_ms=c.fwd_ms, bwd_ms=c.bwd_ms, allreduce_ms=c.allreduce_ms,
-                                    param_bytes=c.param_bytes, activation_bytes=c.activation_bytes,
-                                    memory_bytes=c.memory_bytes)
-                          for s, ((i, j), c) in enumerate(zip(ranges, stage_costs))]
-                best = (step_ms, Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
-                                            microbatch_count=microbatches, stages=stages,
-                                            block_bounds=list(blocks.bounds), predicted_step_ms=step_ms,
-                                            memory_limit_bytes=memory_cap,
-                                            schedule=config.schedule if stage_count > 1 else "gpipe"))
-    if best is None:
+    started = time.perf_counter()
+    cap = memory_cap(profile, config)
+    costs = CostModel(profile, config.opt_param_factor, config.recompute, config.schedule,
+                      count_clipping=config.plan_grad_clipping, accumulate_grads=config.accumulate_grads)
+    if not space(config, world_size, costs.n, batch_size):
+        raise PlanningError(_empty_space(config, world_size, costs.n, batch_size))
+    found, smallest_need = search(costs, world_size, batch_size, config, cap)
+    if not found:
         raise PlanningError(
-            f"no partition of the model fits {memory_cap / 2**30:.2f} GiB per device (device memory minus "
+            f"no partition of the model fits {cap / 2**30:.2f} GiB per device (device memory minus "
             f"mem_margin={config.mem_margin}); the smallest stage found needs {smallest_need / 2**30:.2f} GiB. "
             f"Use more devices, a smaller batch, a larger max_pipeline, or raise mem_limit_gb.")
-    return best[1]
+    chosen = choose(found)
+    deployment = to_deployment(chosen, blocks, world_size, batch_size, cap, fingerprint,
+                               config.schedule if chosen.stage_count > 1 else "gpipe")
+    deployment.planning_s = time.perf_counter() - started
+    deployment.candidates_considered = len(found)
+    return deployment
 
 
-def _stage_cost(costs: _RangeCosts, profile: ProfileSet, i: int, j: int, replicas: int, microbatches: int,
-                samples: int, memory_cap: int, is_last: bool, held: int) -> _StageCost:
-    """Cost of blocks [i, j) as one stage that holds `held` micro-batches' activations at once."""
-    blocks = profile.blocks[i:j]
-    fwd = sum(b.fwd_ms(samples) for b in blocks)
-    bwd = sum(b.bwd_ms(samples) for b in blocks)
-    act = int(sum(b.activation_bytes(samples) for b in blocks))
-    in_bytes = int(profile.blocks[i - 1].out_bytes(samples)) if i > 0 else 0
-    out_bytes = 0 if is_last else int(profile.blocks[j - 1].out_bytes(samples))
-    send_ms = (profile.p2p_latency_ms + out_bytes / profile.p2p_bytes_per_ms) if out_bytes else 0.0
-    tensor_bytes, grad_bytes = costs.tensor_bytes(i, j)
-    state_bytes = tensor_bytes + grad_bytes + grad_bytes * costs.profile_opt_factor
-    allreduce_ms = 0.0
-    if replicas > 1 and grad_bytes:
-        allreduce_ms = (profile.allreduce_latency_ms
-                        + 2.0 * (replicas - 1) / replicas * grad_bytes / profile.allreduce_bytes_per_ms)
-    plain_memory = state_bytes + held * act + 2 * (in_bytes + out_bytes)
-    if costs.recompute == "never" or (costs.recompute == "auto" and plain_memory <= memory_cap):
-        return _StageCost(fwd + bwd + send_ms, fwd, bwd, allreduce_ms, tensor_bytes, act, plain_memory, False)
-    recompute_memory = state_bytes + held * in_bytes + act + 2 * (in_bytes + out_bytes)
-    return _StageCost(2 * fwd + bwd + send_ms, fwd, bwd + fwd, allreduce_ms, tensor_bytes, act,
-                      recompute_memory, True)
+def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size: int, cap: int,
+                  fingerprint: str, schedule: str) -> Deployment:
+    r = chosen.replicas
+    stages = [StagePlan(first_block=i, end_block=j, start=blocks.bounds[i], end=blocks.bounds[j],
+                        ranks=list(range(s * r, (s + 1) * r)), recompute=c.recompute, fwd_ms=c.fwd_ms,
+                        bwd_ms=c.bwd_ms, allreduce_ms=c.allreduce_ms, param_bytes=c.param_bytes,
+                        activation_bytes=c.activation_bytes, memory_bytes=c.memory_bytes, send_ms=c.send_ms,
+                        exposed_allreduce_ms=c.exposed_allreduce_ms, optimizer_ms=c.optimizer_ms,
+                        clip_ms=c.clip_ms)
+              for s, ((i, j), c) in enumerate(zip(chosen.ranges, chosen.costs))]
+    deployment = Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
+                            microbatch_count=chosen.microbatches, stages=stages, block_bounds=list(blocks.bounds),
+                            predicted_step_ms=chosen.step_ms, memory_limit_bytes=cap, schedule=schedule)
+    deployment.bubble_fraction = simulated_bubble(deployment)
+    return deployment
 
 
-def _split(costs: _RangeCosts, profile: ProfileSet, stage_count: int, replicas: int, microbatches: int,
-           samples: int, memory_cap: int):
-    """Best contiguous split into `stage_count` stages by bottleneck time; the smallest memory need
-    (float) when nothing fits."""
-    n = len(profile.blocks)
-    inf = math.inf
-    # best[s][j]: (bottleneck, previous cut) for the first j blocks in s stages
-    best = [[(inf, -1)] * (n + 1) for _ in range(stage_count + 1)]
-    best[0][0] = (0.0, -1)
-    cache: dict[tuple[int, int], _StageCost] = {}
-    smallest_need = inf
-
-    def cost(i: int, j: int, stage: int) -> _StageCost:
-        held = in_flight(costs.schedule, stage, stage_count, microbatches)
-        key = (i, j, held)
-        if key not in cache:
-            cache[key] = _stage_cost(costs, profile, i, j, replicas, microbatches, samples, memory_cap, j == n, held)
-        return cache[key]
-
-    for s in range(1, stage_count + 1):
-        lo_j = s
-        hi_j = n - (stage_count - s)
-        for j in range(lo_j, hi_j + 1):
-            if s == stage_count and j != n:
-                continue
-            best_here = (inf, -1)
-            for i in range(s - 1, j):
-                prev = best[s - 1][i][0]
-                if prev >= best_here[0]:
-                    continue
-                c = cost(i, j, s - 1)
-                if c.memory_bytes > memory_cap:
-                    smallest_need = min(smallest_need, c.memory_bytes)
-                    continue
-                value = max(prev, c.time_ms)
-                if value < best_here[0]:
-                    best_here = (value, i)
-            best[s][j] = best_here
-    if best[stage_count][n][0] == inf:
-        return float(smallest_need)
-    ranges = []
-    j = n
-    for s in range(stage_count, 0, -1):
-        i = best[s][j][1]
-        ranges.append((i, j))
-        j = i
-    ranges.reverse()
-    stage_costs = [cost(i, j, s) for s, (i, j) in enumerate(ranges)]
-    return best[stage_count][n][0], ranges, stage_costs
+def simulated_bubble(deployment: Deployment) -> float:
+    """The share of the pipeline's stage time spent idle in one step, by simulating its schedule with the
+    stages' predicted forward and backward times (the tail excluded)."""
+    stage_count = len(deployment.stages)
+    if stage_count == 1:
+        return 0.0
+    lists = get_schedule(deployment.schedule)(stage_count, deployment.microbatch_count)
+    fwd = {(s, "F"): st.fwd_ms + st.send_ms for s, st in enumerate(deployment.stages)}
+    bwd = {(s, "B"): st.bwd_ms for s, st in enumerate(deployment.stages)}
+    return simulate(lists, {**fwd, **bwd}).bubble_fraction

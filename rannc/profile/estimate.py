@@ -13,6 +13,7 @@ from rannc.graph.blocks import Blocks, Linearized, _hint, _numel, node_flops
 from rannc.graph.capture import CapturedGraph, _attr, is_tensor_value
 from rannc.profile.profiler import tensor_table
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
+from rannc.profile.update import estimate_update
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,15 @@ class DeviceSpec:
     efficiency: float = 0.45     # fraction of peak that transformer blocks reach
     link_bytes_per_ms: float = 1.5e8   # NVLink-class p2p / all-reduce bus bandwidth
     op_overhead_ms: float = 0.004      # launch cost per operation
+    memory_bytes_per_ms: float = 3.35e9    # device memory bandwidth
 
 
 DEVICES = {
-    "h200": DeviceSpec("NVIDIA H200 (datasheet)", 141 * 10**9, 989e12),
-    "h100": DeviceSpec("NVIDIA H100 80GB (datasheet)", 80 * 10**9, 989e12),
-    "a100": DeviceSpec("NVIDIA A100 80GB (datasheet)", 80 * 10**9, 312e12),
-    "v100": DeviceSpec("NVIDIA V100 32GB (datasheet)", 32 * 10**9, 125e12, link_bytes_per_ms=5e7),
+    "h200": DeviceSpec("NVIDIA H200 (datasheet)", 141 * 10**9, 989e12, memory_bytes_per_ms=4.8e9),
+    "h100": DeviceSpec("NVIDIA H100 80GB (datasheet)", 80 * 10**9, 989e12, memory_bytes_per_ms=3.35e9),
+    "a100": DeviceSpec("NVIDIA A100 80GB (datasheet)", 80 * 10**9, 312e12, memory_bytes_per_ms=2.0e9),
+    "v100": DeviceSpec("NVIDIA V100 32GB (datasheet)", 32 * 10**9, 125e12, link_bytes_per_ms=5e7,
+                       memory_bytes_per_ms=0.9e9),
 }
 
 
@@ -70,7 +73,8 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
     return ProfileSet(blocks=profiles, tensor_bytes=sizes, trainable=trainable, device_name=spec.name,
                       device_memory_bytes=spec.memory_bytes, p2p_bytes_per_ms=spec.link_bytes_per_ms,
                       p2p_latency_ms=0.02, allreduce_bytes_per_ms=spec.link_bytes_per_ms,
-                      allreduce_latency_ms=0.05, measured=False)
+                      allreduce_latency_ms=0.05, measured=False,
+                      update=estimate_update(spec.memory_bytes_per_ms, spec.op_overhead_ms))
 
 
 def _example_batch(captured: CapturedGraph) -> int:

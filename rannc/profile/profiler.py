@@ -8,6 +8,9 @@ block's parameters to the device at a time, so a model larger than one device ca
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from rannc import dist as rdist
 from rannc.graph.blocks import Blocks, Linearized
 from rannc.graph.capture import CapturedGraph, named_graph_tensors
 from rannc.graph.stage import build_stage
-from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
+from rannc.profile.profiles import BlockProfile, Calibration, Linear, ProfileSet, UpdateProfile
 from rannc.version import __version__
 
 
@@ -59,24 +62,33 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+WINDOW_MEMORY_SHARE = 0.3   # a calibration window's parameters and gradients use at most this share of memory
+
+
 def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                    sizes: list[int], device: torch.device, repeats: int = 3, autocast_dtype=None,
-                   show_progress: bool = True) -> list[BlockProfile]:
-    """Time and activation bytes of every block at each micro-batch size in `sizes`."""
+                   show_progress: bool = True) -> tuple[list[BlockProfile], Calibration]:
+    """Time and activation bytes of every block at each micro-batch size in `sizes`; then runs of consecutive
+    blocks (the whole model when it fits) timed as one stage, for the calibration (see `Calibration`)."""
     stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
+    windows = _windows(stages, device)
     measured: list[dict[str, list[tuple[float, float]]]] = [
         {"fwd": [], "bwd": [], "act": [], "out": []} for _ in stages]
+    runs = []
     # Runs inside the caller's first forward, often under its own progress bar: leave=False removes this
     # inner bar when done, and disable=None turns it off when stderr is not a terminal, so redirected logs
     # get no carriage-return redraws (tqdm.notebook still shows it).
-    bar = tqdm(total=len(sizes) * len(stages), desc="rannc: profiling blocks",
+    bar = tqdm(total=len(sizes) * (len(stages) + len(windows)), desc="rannc: profiling blocks",
                disable=None if show_progress else True, leave=False)
     for size in sizes:
         batch = [x[:size].to(device) if batched else x.to(device)
                  for x, batched in zip(inputs, captured.batched_inputs)]
         values: dict[str, torch.Tensor] = {}
+        at_start: dict[int, dict[str, torch.Tensor]] = {}
         for k, stage in enumerate(stages):
-            fwd_ms, bwd_ms, act, outs = _profile_one(stage, values, batch, device, repeats, autocast_dtype)
+            if any(first == k for first, _ in windows):
+                at_start[k] = dict(values)
+            fwd_ms, bwd_ms, act, outs, _ = _profile_one(stage, values, batch, device, repeats, autocast_dtype)
             m = measured[k]
             m["fwd"].append((size, fwd_ms))
             m["bwd"].append((size, bwd_ms))
@@ -92,6 +104,18 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
                 if name not in needed_names:
                     del values[name]
             bar.update(1)
+        for first, end in windows:
+            whole = build_stage(captured, lin, blocks.bounds[first], blocks.bounds[end])
+            fwd_ms, bwd_ms, act, outs, (fresh, warm) = _profile_one(whole, at_start.pop(first), batch, device,
+                                                                    repeats, autocast_dtype, best=True)
+            sent = sum(_bytes(o) for o in outs if isinstance(o, torch.Tensor)) if not whole.is_last else 0
+            grads = sum(_bytes(t) for t in whole.parameters() if t.requires_grad)
+            # what the cost model does not count: beyond the activations with gradients already there, and
+            # beyond the larger of activations and gradients when the gradients appear during backward
+            workspace = max(0.0, warm - act - 2 * sent, fresh - max(act, grads) - 2 * sent)
+            runs.append([size, end - first, sum(measured[k]["fwd"][-1][1] for k in range(first, end)), fwd_ms,
+                         sum(measured[k]["bwd"][-1][1] for k in range(first, end)), bwd_ms, workspace])
+            bar.update(1)
     bar.close()
     profiles = []
     for stage, m in zip(stages, measured):
@@ -99,7 +123,38 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
         profiles.append(BlockProfile(fwd_ms=Linear.fit(m["fwd"]), bwd_ms=Linear.fit(m["bwd"]),
                                      activation_bytes=Linear.fit(m["act"]), out_bytes=Linear.fit(m["out"]),
                                      tensors=names, label=_label(stage)))
-    return profiles
+    return profiles, calibrate(runs)
+
+
+def _windows(stages, device: torch.device) -> list[tuple[int, int]]:
+    """Runs of consecutive blocks [first, end) whose parameters and gradients fit WINDOW_MEMORY_SHARE of the
+    device: the whole model when it fits; blocks of one block are left out (nothing to calibrate)."""
+    budget = WINDOW_MEMORY_SHARE * device_memory_bytes(device)
+    windows, first, used = [], 0, 0.0
+    for k, stage in enumerate(stages):
+        size = 2.0 * sum(_bytes(t) for t in stage.tensors())
+        if k > first and used + size > budget:
+            windows.append((first, k))
+            first, used = k, 0.0
+        used += size
+    windows.append((first, len(stages)))
+    return [(a, b) for a, b in windows if b - a > 1]
+
+
+def calibrate(runs: list[list[float]]) -> Calibration:
+    """Per block boundary, how much longer the blocks took one by one than as one run (a line in the
+    micro-batch size over the sizes measured), and the largest workspace seen."""
+    by_size: dict[float, list[float]] = {}
+    for size, count, fwd_sum, fwd_whole, bwd_sum, bwd_whole, _ in runs:
+        acc = by_size.setdefault(size, [0.0, 0.0, 0.0])
+        acc[0] += fwd_sum - fwd_whole
+        acc[1] += bwd_sum - bwd_whole
+        acc[2] += count - 1
+    fwd = [(size, max(0.0, f / b)) for size, (f, _, b) in by_size.items() if b > 0]
+    bwd = [(size, max(0.0, w / b)) for size, (_, w, b) in by_size.items() if b > 0]
+    return Calibration(fwd_overhead_ms=Linear.fit(fwd) if fwd else Linear(),
+                       bwd_overhead_ms=Linear.fit(bwd) if bwd else Linear(),
+                       workspace_bytes=max((r[6] for r in runs), default=0.0), runs=runs)
 
 
 def _label(stage) -> str:
@@ -110,8 +165,12 @@ def _label(stage) -> str:
     return ""
 
 
-def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
-    """Forward and backward time of one block, with its parameters on the device for the measurement."""
+def _profile_one(stage, values, batch, device, repeats, autocast_dtype, best: bool = False):
+    """Forward and backward time of one block (or run of blocks), with its parameters on the device for the
+    measurement (the median of `repeats` runs after a warm-up, or with `best` the fastest: runs of many blocks
+    keep the device busy like training does, and their fastest run is the one at the device's full clock);
+    also the bytes saved for backward, the outputs, and on CUDA the peak memory above what was allocated
+    before the first run (gradients not yet there) and before the later runs (gradients there)."""
     moved = []
     for t in stage.tensors():
         if t.device != device:
@@ -130,7 +189,13 @@ def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
             return t
 
         fwd_times, bwd_times, outs = [], [], None
+        cuda = device.type == "cuda"
+        extra = [0.0, 0.0]    # peak above the start: the first run (no gradients yet), the later ones (with)
         for rep in range(repeats + 1):
+            if cuda:
+                _sync(device)
+                baseline = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             for r in received:
                 r.grad = None
             saved.clear()
@@ -148,15 +213,54 @@ def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
             if rep:  # the first run warms up
                 fwd_times.append((t1 - t0) * 1e3)
                 bwd_times.append((t2 - t1) * 1e3)
+            if cuda:
+                k = min(rep, 1)
+                extra[k] = max(extra[k], float(torch.cuda.max_memory_allocated(device) - baseline))
         for t in stage.parameters():
             t.grad = None
-        fwd_ms = sorted(fwd_times)[len(fwd_times) // 2]
-        bwd_ms = sorted(bwd_times)[len(bwd_times) // 2]
-        return fwd_ms, bwd_ms, float(sum(saved.values())), [o.detach() if isinstance(o, torch.Tensor) else o
-                                                            for o in outs]
+        fwd_ms, bwd_ms = (min(fwd_times), min(bwd_times)) if best else (statistics.median(fwd_times),
+                                                                         statistics.median(bwd_times))
+        outs = [o.detach() if isinstance(o, torch.Tensor) else o for o in outs]
+        return fwd_ms, bwd_ms, float(sum(saved.values())), outs, extra
     finally:
         for t, data in moved:
             t.data = data
+
+
+_LINKS: dict[str, dict[str, float]] = {}
+
+
+def cached_links(device: torch.device, cache_dir: str, log=print) -> dict[str, float]:
+    """The link speeds of this set of processes, measured once and kept (in this process, and on disk under
+    `cache_dir` keyed by the world size, backend, device and hosts), so that every deployment plans with the
+    same numbers instead of a fresh, noisy measurement. Collective."""
+    if rdist.get_world_size() < 2:
+        return measure_links(device)
+    hosts = rdist.all_gather_objects(socket.gethostname())
+    digest = hashlib.sha256(repr((len(hosts), dist.get_backend(), device_name(device), hosts,
+                                  __version__)).encode()).hexdigest()[:20]
+    if digest in _LINKS:
+        return dict(_LINKS[digest])
+    path = Path(cache_dir).expanduser() / f"links_{digest}.json" if cache_dir else None
+    found = None
+    if rdist.get_rank() == 0 and path is not None and path.is_file():
+        try:
+            found = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError, TypeError):
+            log(f"Ignoring unreadable link cache {path}")
+    found = rdist.broadcast_object(found)
+    if found is None:
+        found = measure_links(device)
+        if rdist.get_rank() == 0 and path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(found))
+            except OSError as exc:
+                log(f"Could not save link cache {path}: {exc}")
+    else:
+        log(f"Loaded link speeds from {path}")
+    _LINKS[digest] = found
+    return dict(found)
 
 
 def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, float]:
@@ -205,8 +309,10 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
 
 def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                       sizes: list[int], device: torch.device, links: dict[str, float], repeats: int,
-                      cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True) -> ProfileSet:
-    """Profiles of every block, from the on-disk cache when the same graph was profiled before."""
+                      cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True,
+                      update: UpdateProfile | None = None) -> ProfileSet:
+    """Profiles of every block, from the on-disk cache when the same graph was profiled before; the links and
+    the optimizer's profile (`update`) are measured apart and set on it."""
     key = cache_key(captured, blocks, sizes, device, autocast_dtype)
     path = Path(cache_dir).expanduser() / f"profile_{key}.json" if cache_dir else None
     if path is not None and path.is_file():
@@ -215,17 +321,19 @@ def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
             log(f"Loaded block profiles from {path}")
             for k, v in links.items():
                 setattr(cached, k, v)
+            if update is not None:
+                cached.update = update
             return cached
         except (ValueError, KeyError, TypeError):
             log(f"Ignoring unreadable profile cache {path}")
     t0 = time.perf_counter()
-    block_profiles = profile_blocks(captured, lin, blocks, inputs, sizes, device, repeats, autocast_dtype,
-                                    show_progress)
+    block_profiles, calibration = profile_blocks(captured, lin, blocks, inputs, sizes, device, repeats,
+                                                 autocast_dtype, show_progress)
     log(f"Profiled {blocks.count} blocks at micro-batch sizes {sizes} in {time.perf_counter() - t0:.1f} s")
     tensor_bytes, trainable = tensor_table(captured)
     profile = ProfileSet(blocks=block_profiles, tensor_bytes=tensor_bytes, trainable=trainable,
                          device_name=device_name(device), device_memory_bytes=device_memory_bytes(device),
-                         **links)
+                         calibration=calibration, update=update or UpdateProfile(), **links)
     if path is not None:
         try:
             profile.save(path)

@@ -1,4 +1,5 @@
-"""Profile records: what the planner knows about each block and about the links between devices.
+"""Profile records: what the planner knows about each block, about the optimizer step and clipping, about
+the links between devices, and how block-by-block timing compares with running blocks back to back.
 
 Times and activation memory are kept as lines in the micro-batch size (fixed part + per-sample part),
 fitted to the sizes that were measured, so the planner can ask about any size.
@@ -47,6 +48,36 @@ class BlockProfile:
 
 
 @dataclasses.dataclass
+class UpdateProfile:
+    """The optimizer step and the gradient clipping, per parameter tensor and per parameter byte: they run once
+    per training step on every stage, over that stage's parameters, after the pipeline has drained."""
+
+    optimizer_ms_fixed: float = 0.0              # per step of a stage that has trainable parameters
+    optimizer_ms_per_tensor: float = 0.0
+    optimizer_ms_per_byte: float = 0.0
+    optimizer_temp_bytes_per_byte: float = 0.0   # transient memory of one step, per parameter byte
+    state_bytes_per_byte: float | None = None    # optimizer state per parameter byte; None: use opt_param_factor
+    clip_ms_fixed: float = 0.0
+    clip_ms_per_tensor: float = 0.0
+    clip_ms_per_byte: float = 0.0
+    source: str = ""                             # what was measured (optimizer class, device) or "estimate"
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Block-by-block profiling synchronises the device around every block, so each block pays a launch and
+    synchronisation overhead that a stage running its blocks back to back pays once. Runs of consecutive
+    blocks timed whole give that overhead per block boundary (`*_overhead_ms`, a line in the micro-batch
+    size), and their peak memory beyond the parameters, gradients and saved activations gives the workspace
+    (temporaries such as the loss's fp32 logits, kernels' scratch) a stage must keep free."""
+
+    fwd_overhead_ms: Linear = dataclasses.field(default_factory=Linear)
+    bwd_overhead_ms: Linear = dataclasses.field(default_factory=Linear)
+    workspace_bytes: float = 0.0
+    runs: list = dataclasses.field(default_factory=list)   # (size, blocks, fwd sum, fwd whole, bwd sum, bwd whole)
+
+
+@dataclasses.dataclass
 class ProfileSet:
     """Everything the planner needs."""
 
@@ -60,6 +91,8 @@ class ProfileSet:
     allreduce_bytes_per_ms: float = 1e7
     allreduce_latency_ms: float = 0.05
     measured: bool = True
+    update: UpdateProfile = dataclasses.field(default_factory=UpdateProfile)
+    calibration: Calibration = dataclasses.field(default_factory=Calibration)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -73,7 +106,11 @@ class ProfileSet:
                                        activation_bytes=Linear(**b["activation_bytes"]),
                                        out_bytes=Linear(**b["out_bytes"]), tensors=b["tensors"],
                                        label=b.get("label", "")))
-        return cls(blocks=blocks, **data)
+        update = UpdateProfile(**data.pop("update", {}))
+        cal = data.pop("calibration", {})
+        calibration = Calibration(fwd_overhead_ms=Linear(**cal.pop("fwd_overhead_ms", {})),
+                                  bwd_overhead_ms=Linear(**cal.pop("bwd_overhead_ms", {})), **cal)
+        return cls(blocks=blocks, update=update, calibration=calibration, **data)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from rannc.plan.cost import GRAD_BUCKET_BYTES as BUCKET_BYTES
 from rannc.runtime.placement import Placement
-
-BUCKET_BYTES = 64 * 2**20
 
 
 def allreduce_grads(placement: Placement, scale: float = 1.0) -> None:

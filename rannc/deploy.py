@@ -1,0 +1,225 @@
+"""The first call: capture the model, cut it into blocks, profile the blocks, plan, and install the plan on this
+rank (its stage, its parameters, the patched optimizer, the engine). Every rank runs it together; failures on
+one rank are raised on all. The dry run (`plan_dry_run`) shares capture and planning, with estimated profiles
+instead of measured ones."""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rannc import dist as rdist
+from rannc.config import RannConfig
+from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
+from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
+from rannc.graph.signature import CallSignature
+from rannc.graph.stage import build_stage
+from rannc.plan.deployment import Deployment
+from rannc.plan.planner import plan, profile_sizes
+from rannc.profile.estimate import DeviceSpec, estimate_profiles
+from rannc.profile.profiler import build_profile_set, cached_links
+from rannc.profile.update import measure_update
+from rannc.runtime.engine import Engine
+from rannc.runtime.optimizer import OptimizerPatch
+from rannc.runtime.outputs import OutputRouter
+from rannc.runtime.pipeline import StageRuntime
+from rannc.runtime.placement import Placement
+
+logger = logging.getLogger("rannc.RaNNCModule")
+
+
+@dataclasses.dataclass
+class Installed:
+    """What the first call leaves behind on this rank."""
+
+    captured: CapturedGraph
+    deployment: Deployment
+    placement: Placement
+    engine: Engine
+    state_keys: list[str]
+
+
+def first_call(model: nn.Module, optimizer_patch: OptimizerPatch | None, config: RannConfig, args: tuple,
+               kwargs: dict, tensors: list[torch.Tensor], global_args: list[torch.Tensor], device: torch.device,
+               sync_params: bool, save_trace: Callable[[], object]) -> Installed:
+    """Capture, profile, plan and install; returns what the module keeps. Exits the process after planning
+    under partitioning_dry_run_np."""
+    rank, world_size = rdist.get_rank(), rdist.get_world_size()
+    t0 = time.perf_counter()
+    logger.info("Tracing model ...")
+    state_keys = list(model.state_dict().keys())
+    named = OrderedDict(list(model.named_parameters(remove_duplicate=False))
+                        + list(model.named_buffers(remove_duplicate=False)))
+    if optimizer_patch is not None:
+        model_params = {id(p) for p in named.values()}
+        stray = [p for g in optimizer_patch.full_groups for p in g if id(p) not in model_params]
+        if stray:
+            raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
+    model_device = next((t.device for t in named.values()), torch.device("cpu"))
+    with preserved_state(model):  # profiling must not count as training (capture preserves on its own)
+        call = CallSignature.of(args, kwargs)
+        local_args, local_kwargs = call.rebuild(tuple(t.detach().to(model_device) for t in tensors))
+        error = None
+        try:
+            captured = capture(model, local_args, local_kwargs)
+            retarget_device(captured.gm, device)
+            lin = linearize(captured)
+            blocks = make_blocks(lin, config.max_blocks)
+        except Exception as exc:  # raised on every rank, not only where it happened
+            error = exc
+        rdist.agree_or_raise(error, "capturing the model")
+        _announce_outputs(model, captured, rank)
+        batch_size = global_args[captured.batched_inputs.index(True)].shape[0] if any(captured.batched_inputs) else 1
+        logger.info("Captured %d operations in %d blocks (%d cut points) in %.1f s", lin.size, blocks.count,
+                    len(lin.valid_cuts), time.perf_counter() - t0)
+        plan_world = config.partitioning_dry_run_np or world_size
+        deployment, error = None, None
+        links = cached_links(device, config.profile_cache_dir, logger.info) if not config.load_deployment else {}
+        if rank == 0:
+            try:
+                deployment = _make_plan(config, captured, lin, blocks, global_args, batch_size, plan_world, links,
+                                        optimizer_patch, device)
+            except Exception as exc:  # every rank must learn of it, not wait for a plan
+                error = exc
+        deployment, message = rdist.broadcast_object((deployment, None if error is None else
+                                                      f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"planning failed on rank 0: {message}")
+    logger.info("%s", deployment.table())
+    if config.save_deployment and rank == 0 and not config.load_deployment:
+        deployment.save(config.deployment_file)
+        logger.info("Saved deployment to %s", config.deployment_file)
+    if config.partitioning_dry_run_np:
+        logger.info("partitioning_dry_run_np=%d: planned without running; exiting", config.partitioning_dry_run_np)
+        rdist.barrier()
+        sys.exit(0)
+    placement, engine = _install(model, captured, lin, deployment, named, optimizer_patch, config, device,
+                                 sync_params, save_trace)
+    logger.info("RaNNCModule is ready (%.1f s). (rank0)", time.perf_counter() - t0)
+    return Installed(captured, deployment, placement, engine, state_keys)
+
+
+def _announce_outputs(model: nn.Module, captured: CapturedGraph, rank: int) -> None:
+    """Say once what the user should know about the captured model's results and layers."""
+    if rank != 0:
+        return
+    outputs = captured.outputs
+    if outputs.dropped:
+        logger.warning("rannc drops these outputs, which are not tensors or plain values, and returns None "
+                       "in their place: %s", ", ".join(outputs.dropped))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        logger.warning("the model has BatchNorm layers: batch statistics are computed per micro-batch and "
+                       "replica (as DDP without SyncBatchNorm); running statistics are averaged over a "
+                       "stage's replicas after every training call")
+
+
+def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_size, plan_world, links,
+               optimizer_patch, device) -> Deployment:
+    if config.load_deployment:
+        deployment = Deployment.load(config.deployment_file)
+        deployment.check_fits(captured.fingerprint, plan_world, batch_size, config.deployment_file)
+        logger.info("Loaded deployment from %s", config.deployment_file)
+        return deployment
+    sizes = profile_sizes(config, plan_world, blocks.count, batch_size)
+    logger.info("Running profiler ...")
+    update = measure_update(optimizer_patch.optimizer if optimizer_patch is not None else None,
+                            _parameter_dtype(captured), device)
+    profile = build_profile_set(captured, lin, blocks, global_args, sizes, device, links, config.profile_repeats,
+                                config.profile_cache_dir, _autocast_dtype(device), log=logger.info,
+                                show_progress=config.verbose, update=update)
+    logger.info("Profiling finished")
+    logger.info("Assuming batch size: %d", batch_size)
+    return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint)
+
+
+def _install(model, captured, lin, deployment: Deployment, named: dict, optimizer_patch, config: RannConfig,
+             device: torch.device, sync_params: bool, save_trace) -> tuple[Placement, Engine]:
+    rank, world_size = rdist.get_rank(), rdist.get_world_size()
+    stages = [build_stage(captured, lin, s.start, s.end) for s in deployment.stages]
+    if sync_params and world_size > 1:
+        comm = rdist.comm_device()
+        with torch.no_grad():
+            for t in dict.fromkeys(named.values()):
+                buf = t.detach().to(comm)
+                dist.broadcast(buf, 0)
+                t.copy_(buf.to(t.device))
+    placement = Placement(stages, deployment, rank, named)
+    placement.place(device)
+    runtime, stage, replica = None, None, 0
+    my_stage = deployment.stage_of_rank(rank)
+    if my_stage is not None:
+        plan_s = deployment.stages[my_stage]
+        replica = plan_s.ranks.index(rank)
+        prev_rank = deployment.stages[my_stage - 1].ranks[replica] if my_stage > 0 else None
+        next_rank = deployment.stages[my_stage + 1].ranks[replica] if my_stage + 1 < len(stages) else None
+        stage = stages[my_stage]
+        runtime = StageRuntime(stage, captured.batched_inputs, device, prev_rank, next_rank, plan_s.recompute)
+        if config.trace_events:
+            runtime.trace, runtime.trace_pid = [], rank
+            atexit.register(save_trace)
+    if optimizer_patch is not None:
+        optimizer_patch.deploy(placement)
+    outputs = captured.outputs
+    interleaved = deployment.schedule == "1f1b"
+    if interleaved and outputs.kinds != ["scalar"]:
+        if rank == 0:
+            logger.warning("schedule '1f1b' runs backwards inside the call and needs a model returning one "
+                           "scalar loss; this model returns %d outputs: running GPipe", len(outputs.kinds))
+        interleaved = False
+    router = OutputRouter(outputs, rank, world_size, device, config.gather_inputs)
+    engine = Engine(deployment, placement, runtime, stage, router, captured.batched_inputs, rank, world_size, device,
+                    replica, interleaved)
+    if engine.reducer is not None:
+        model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
+    return placement, engine
+
+
+def _parameter_dtype(captured: CapturedGraph) -> torch.dtype:
+    """The dtype most of the trainable parameter bytes have (what the optimizer steps over)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in captured.gm.parameters():
+        if p.requires_grad:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _autocast_dtype(device: torch.device):
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+# ---- the dry run ---------------------------------------------------------------------------------------------
+
+def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig,
+                   dynamic_batch: bool = False) -> tuple[CapturedGraph, Linearized, Blocks]:
+    captured = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    lin = linearize(captured)
+    return captured, lin, make_blocks(lin, config.max_blocks)
+
+
+def plan_dry_run(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], world_size: int, batch_size: int,
+                 device: DeviceSpec, config: RannConfig | None = None, activation_bytes_per_element: float = 2.0,
+                 log=print) -> Deployment:
+    """The deployment rannc would choose for `world_size` devices of type `device` and this global batch, from
+    profiles estimated from the graph (the model may live on the meta device): what `partitioning_dry_run_np`
+    does for a live run, for models and machines one does not have at hand."""
+    config = config or RannConfig()
+    t0 = time.perf_counter()
+    captured, lin, blocks = capture_blocks(model, example_inputs, config)
+    log(f"captured {lin.size} operations into {blocks.count} blocks in {time.perf_counter() - t0:.1f} s")
+    t1 = time.perf_counter()
+    profile = estimate_profiles(captured, lin, blocks, device, activation_bytes_per_element)
+    deployment = plan(profile, blocks, world_size, batch_size, config, captured.fingerprint)
+    log(f"estimated profiles and planned for {world_size} x {device.name} in {time.perf_counter() - t1:.1f} s "
+        f"({deployment.candidates_considered} candidate plans priced)")
+    return deployment

@@ -1,0 +1,113 @@
+"""A deployment as a picture: which blocks each stage holds on which ranks and each device's predicted memory
+against its limit, the simulated timeline of one step per stage (forward, backward, the tail of all-reduce,
+clipping and optimizer; the white gaps are the bubble), and, from trace_events files, the measured timeline
+beside it. Needs matplotlib (`pip install rannc[plot]`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rannc.plan.deployment import Deployment
+from rannc.schedule import get as get_schedule
+from rannc.schedule import simulate
+
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "tail": "#8C8C8C"}
+
+
+def simulated_timeline(deployment: Deployment) -> list[tuple[int, str, float, float]]:
+    """(stage, kind, start ms, end ms) of one simulated step, the tail after each stage's last backward."""
+    stages = deployment.stages
+    lists = get_schedule(deployment.schedule if len(stages) > 1 else "gpipe")(len(stages),
+                                                                            deployment.microbatch_count)
+    costs = {}
+    for s, st in enumerate(stages):
+        costs[(s, "F")] = st.fwd_ms + st.send_ms
+        costs[(s, "B")] = st.bwd_ms
+    result = simulate(lists, costs)
+    rows = [(s, action.kind, start, end) for s, action, start, end in result.timeline]
+    for s, st in enumerate(stages):
+        last = max(end for stage, _, _, end in rows if stage == s)
+        tail = st.exposed_allreduce_ms + st.clip_ms + st.optimizer_ms
+        if tail > 0:
+            rows.append((s, "tail", last, last + tail))
+    return rows
+
+
+def measured_timeline(trace_files: list[str | Path]) -> dict[int, list[tuple[str, float, float]]]:
+    """Per rank, (kind, start ms, end ms) of the traced actions, times relative to the first traced action."""
+    events = []
+    for path in trace_files:
+        events.extend(e for e in json.loads(Path(path).read_text())["traceEvents"] if e.get("ph") == "X")
+    if not events:
+        return {}
+    origin = min(e["ts"] for e in events)
+    rows: dict[int, list[tuple[str, float, float]]] = {}
+    for e in events:
+        kind = "F" if e["name"].startswith("F") else "B"
+        start = (e["ts"] - origin) / 1e3
+        rows.setdefault(int(e["pid"]), []).append((kind, start, start + e["dur"] / 1e3))
+    return rows
+
+
+def draw(deployment: Deployment, path: str | Path, trace_files: list[str | Path] | None = None) -> Path:
+    """Write the picture to `path` (PNG) and return it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = measured_timeline(trace_files) if trace_files else {}
+    panels = 3 if measured else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 3.2 * panels + 0.15 * min(len(deployment.stages), 32)))
+    _draw_memory(axes[0], deployment)
+    _draw_timeline(axes[1], simulated_timeline(deployment), len(deployment.stages), "stage",
+                   f"simulated step: {deployment.predicted_step_ms:.1f} ms predicted, "
+                   f"bubble {deployment.bubble_fraction:.0%} ({deployment.schedule}, "
+                   f"{deployment.microbatch_count} micro-batches)")
+    if measured:
+        ranks = sorted(measured)
+        rows = [(ranks.index(rank), kind, start, end) for rank, items in measured.items()
+                for kind, start, end in items]
+        _draw_timeline(axes[2], rows, len(ranks), "rank", "measured (trace_events, host times)",
+                       labels=[str(r) for r in ranks])
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_memory(ax, deployment: Deployment) -> None:
+    ranks, memory, colors = [], [], []
+    palette = [f"C{k % 10}" for k in range(len(deployment.stages))]
+    for s, st in enumerate(deployment.stages):
+        for rank in st.ranks:
+            ranks.append(rank)
+            memory.append(st.memory_bytes / 2**30)
+            colors.append(palette[s])
+    ax.bar(ranks, memory, color=colors)
+    if deployment.memory_limit_bytes:
+        ax.axhline(deployment.memory_limit_bytes / 2**30, color="red", linestyle="--", label="memory limit")
+        ax.legend(loc="upper right")
+    for s, st in enumerate(deployment.stages):
+        ax.text(st.ranks[0], st.memory_bytes / 2**30, f"stage {s}\nblocks {st.first_block}-{st.end_block - 1}",
+                fontsize=7, va="bottom")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("predicted GiB")
+    ax.set_title(f"{len(deployment.stages)} stages x {deployment.replicas} replicas on {deployment.world_size} "
+                 f"ranks, global batch {deployment.batch_size}")
+
+
+def _draw_timeline(ax, rows, count: int, what: str, title: str, labels: list[str] | None = None) -> None:
+    for lane, kind, start, end in rows:
+        ax.broken_barh([(start, end - start)], (lane - 0.4, 0.8), color=COLORS.get(kind, "#999999"),
+                       edgecolor="white", linewidth=0.3)
+    ax.set_yticks(range(count))
+    ax.set_yticklabels(labels or [str(k) for k in range(count)])
+    ax.invert_yaxis()
+    ax.set_ylabel(what)
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    handles = [ax.barh([0], [0], color=c, label=k) for k, c in COLORS.items()]
+    ax.legend(handles=handles, labels=["forward", "backward", "all-reduce + clip + optimizer"], loc="lower right",
+              fontsize=7)

@@ -1,0 +1,130 @@
+"""Measure what every stage does once per step after its pipeline drains: the user's optimizer step and the
+gradient clipping, on this device, over stand-in parameters (never the model's own, which must not change).
+
+Both are memory-bound loops over the parameters with a fixed cost per call (the optimizer's Python, its
+handful of multi-tensor launches) and a per-tensor cost, so each is fitted as
+`fixed + per_tensor x tensors + per_byte x bytes` from three measurements: few and many small tensors
+(launch-bound) and a few large ones (bandwidth-bound). The optimizer is a copy of the user's own (its class,
+attributes and first group's settings) over stand-in parameters.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import time
+
+import torch
+
+from rannc.profile.profiles import UpdateProfile
+
+logger = logging.getLogger("rannc.profile")
+
+FEW_TENSORS = 8
+SMALL_TENSORS = 128
+SMALL_NUMEL = 1024
+LARGE_TENSORS = 4
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stand_ins(count: int, numel: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+    params = []
+    for _ in range(count):
+        p = torch.nn.Parameter(torch.randn(numel, dtype=dtype, device=device) * 0.02)
+        p.grad = torch.randn_like(p) * 1e-3
+        params.append(p)
+    return params
+
+
+def _median_ms(fn, device: torch.device, repeats: int) -> float:
+    fn()   # warm-up: creates the optimizer state
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _fit(few: float, small: float, large: float, element: int, large_numel: int) -> tuple[float, float, float]:
+    """(fixed, per tensor, per byte) through the three measurements, none below zero."""
+    per_tensor = max(0.0, (small - few) / (SMALL_TENSORS - FEW_TENSORS))
+    fixed = max(0.0, few - FEW_TENSORS * per_tensor)
+    large_bytes = LARGE_TENSORS * large_numel * element
+    per_byte = max(0.0, (large - fixed - LARGE_TENSORS * per_tensor) / large_bytes)
+    return fixed, per_tensor, per_byte
+
+
+def _copy_of(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The user's optimizer over `params`: its class and attributes (settings kept outside the groups, such as
+    a built-in clipping norm), its first group's settings, no state."""
+    clone = copy.copy(optimizer)
+    clone.__dict__ = dict(optimizer.__dict__)
+    clone.state = collections.defaultdict(dict)
+    clone.param_groups = []
+    settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} if optimizer.param_groups else {}
+    settings.pop("step", None)
+    clone.add_param_group({"params": params, **settings})
+    return clone
+
+
+def measure_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, device: torch.device,
+                   large_bytes: int | None = None, repeats: int = 5) -> UpdateProfile:
+    """The optimizer step and clipping by the global norm (`torch.nn.utils.clip_grad_norm_`, which rannc's
+    clipping matches per device) over stand-in parameters of `dtype`; an optimizer that cannot be copied
+    that way is left out with a warning."""
+    if large_bytes is None:
+        large_bytes = 256 * 2**20 if device.type == "cuda" else 16 * 2**20
+    element = torch.empty((), dtype=dtype).element_size()
+    large_numel = max(SMALL_NUMEL, large_bytes // element // LARGE_TENSORS)
+    large_total = LARGE_TENSORS * large_numel * element
+    sets = {"few": _stand_ins(FEW_TENSORS, SMALL_NUMEL, dtype, device),
+            "small": _stand_ins(SMALL_TENSORS, SMALL_NUMEL, dtype, device),
+            "large": _stand_ins(LARGE_TENSORS, large_numel, dtype, device)}
+    clip = {name: _median_ms(lambda ps=ps: torch.nn.utils.clip_grad_norm_(ps, 1e9, foreach=True), device, repeats)
+            for name, ps in sets.items()}
+    profile = UpdateProfile(source=f"clipping on {device}")
+    profile.clip_ms_fixed, profile.clip_ms_per_tensor, profile.clip_ms_per_byte = _fit(
+        clip["few"], clip["small"], clip["large"], element, large_numel)
+    if optimizer is None:
+        return profile
+    name = type(optimizer).__name__
+    try:
+        optimizers = {key: _copy_of(optimizer, ps) for key, ps in sets.items()}
+        times = {key: _median_ms(opt.step, device, repeats) for key, opt in optimizers.items()}
+    except Exception as exc:  # any optimizer class may refuse; planning goes on without its cost
+        logger.warning("could not time a copy of the optimizer %s (%s: %s); the planner leaves the optimizer "
+                       "step out of its step time", name, type(exc).__name__, exc)
+        return profile
+    temp = 0.0
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        optimizers["large"].step()
+        _sync(device)
+        temp = (torch.cuda.max_memory_allocated(device) - before) / large_total
+    state = sum(t.numel() * t.element_size() for st in optimizers["large"].state.values() for t in st.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    profile.optimizer_ms_fixed, profile.optimizer_ms_per_tensor, profile.optimizer_ms_per_byte = _fit(
+        times["few"], times["small"], times["large"], element, large_numel)
+    profile.optimizer_temp_bytes_per_byte = temp
+    profile.state_bytes_per_byte = state / large_total
+    profile.source = f"{name} step and clipping on {device}"
+    return profile
+
+
+def estimate_update(memory_bytes_per_ms: float, per_tensor_ms: float = 0.005) -> UpdateProfile:
+    """For dry runs: a fused optimizer moving 7 bytes per parameter byte (read p, g, two states; write p, two
+    states) at 1.5x the memory-bandwidth floor, clipping 3 (norm, then scale in place)."""
+    return UpdateProfile(optimizer_ms_fixed=0.1, clip_ms_fixed=0.05, optimizer_ms_per_tensor=per_tensor_ms,
+                         optimizer_ms_per_byte=1.5 * 7 / memory_bytes_per_ms,
+                         clip_ms_per_tensor=per_tensor_ms / 2, clip_ms_per_byte=3 / memory_bytes_per_ms,
+                         source="estimate from the datasheet's memory bandwidth")
