@@ -6,6 +6,7 @@ from __future__ import annotations
 from rannc.config import ConfigError, RannConfig, load_config  # noqa: E402
 from rannc.deploy import plan_dry_run  # noqa: E402
 from rannc.dist import barrier, get_rank, get_world_size  # noqa: E402
+from rannc.faults import RankFailure  # noqa: E402
 from rannc.graph.capture import CaptureError  # noqa: E402
 from rannc.module import FLAGS, RaNNCModule  # noqa: E402
 from rannc.plan.deployment import Deployment, DeploymentError, show_deployment  # noqa: E402
@@ -58,7 +59,7 @@ def clear() -> None:
 
 __all__ = [
     "RaNNCModule", "RannConfig", "load_config", "ConfigError", "CaptureError", "Deployment", "DeploymentError",
-    "PlanningError", "show_deployment", "plan_dry_run", "DeviceSpec", "DEVICES",
+    "PlanningError", "RankFailure", "show_deployment", "plan_dry_run", "DeviceSpec", "DEVICES",
     "delay_grad_allreduce", "keep_graph", "sync_params_on_init", "allreduce_grads",
     "get_rank", "get_world_size", "barrier", "clear",
 ]

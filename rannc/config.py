@@ -120,7 +120,8 @@ class RannConfig:
     profile_repeats: int = dataclasses.field(
         default=3, metadata={"help": "timed repetitions per block and micro-batch size"})
     comm_timeout_s: float = dataclasses.field(
-        default=1800.0, metadata={"help": "seconds any collective or p2p transfer may wait before failing"})
+        default=600.0, metadata={"help": "seconds any collective or p2p transfer may wait before failing: how long "
+                                         "a hung rank goes unnoticed (the first call's planning must fit in it)"})
     verbose: bool = dataclasses.field(
         default=True, metadata={"help": "log the flow and the plan on rank 0"})
 

@@ -48,7 +48,7 @@ def _default_master_addr(env: dict[str, str]) -> str:
     return "127.0.0.1"
 
 
-def init(timeout_s: float = 1800.0) -> None:
+def init(timeout_s: float = 600.0) -> None:
     """Join (or create) the default process group. Idempotent; a no-op when it already exists."""
     if dist.is_initialized():
         return

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
+from rannc import faults
 from rannc.config import RannConfig, load_config, show_items
 from rannc.deploy import first_call
 from rannc.graph.signature import CallSignature
@@ -62,6 +63,7 @@ class RaNNCModule(nn.Module):
         config_items["gather_inputs"] = gather_inputs
         self.config = (config or load_config()).replace(**config_items)
         rdist.init(self.config.comm_timeout_s)
+        faults.install()
         self.model = model
         self._optimizer_patch = OptimizerPatch(optimizer) if optimizer is not None else None
         self._dropout_enabled = True
@@ -93,7 +95,13 @@ class RaNNCModule(nn.Module):
             self._check_tensors(tensors, call)
         except (TypeError, ValueError) as exc:  # checked on every rank together below, never alone
             error = exc
+        faults.count_call()
         self._agree_on_inputs(error, call, tensors)
+        return self._call(args, kwargs, tensors)
+
+    @faults.guarded("forward")
+    def _call(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Any:
+        """The call once every rank agreed on its inputs: the first call deploys, every call runs the engine."""
         global_args = None
         if self._engine is None:
             global_args = self._global_batch(tensors)
@@ -119,16 +127,19 @@ class RaNNCModule(nn.Module):
             return getattr(model, name)
 
     # ---- gradients ----------------------------------------------------------------------------------
+    @faults.guarded("allreduce_grads")
     def allreduce_grads(self) -> None:
         """Sum gradients over each parameter's holders (needed after delay_grad_allreduce(True))."""
         self._require_ready("allreduce_grads")
         self._engine.allreduce_grads()
 
+    @faults.guarded("clip_grad_norm")
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip gradients by the global norm of the whole model's gradients; returns that norm. Collective."""
         self._require_ready("clip_grad_norm")
         return grad_ops.clip_grad_norm(self._placement, self.device, max_norm, norm_type)
 
+    @faults.guarded("calc_grad_norm")
     def calc_grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """The global norm of the whole model's gradients, each parameter counted once. Collective."""
         self._require_ready("calc_grad_norm")
@@ -254,6 +265,7 @@ class RaNNCModule(nn.Module):
         return (self.config.gather_inputs and len(d.stages) == 1 and d.microbatch_count == 1
                 and d.replicas == self.world_size)
 
+    @faults.explained("checking the call's inputs")
     def _agree_on_inputs(self, error: Exception | None, call: CallSignature | None,
                          tensors: list[torch.Tensor]) -> None:
         """Collective, one small all-gather per call: every rank learns whether any rank's call was refused

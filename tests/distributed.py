@@ -37,8 +37,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, a
 
 
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
-              env: dict | None = None) -> list[Any]:
-    """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order."""
+              env: dict | None = None, allow_exit: set[int] | None = None) -> list[Any]:
+    """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order (None for the
+    ranks in `allow_exit` that ended their process without a result)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -62,7 +63,9 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
             if dead:
                 time.sleep(0.5)
                 if results.empty():
-                    errors.update({r: f"process died with exit code {procs[r].exitcode}" for r in dead})
+                    out.update({r: pickle.dumps(None) for r in dead if r in (allow_exit or ())})
+                    errors.update({r: f"process died with exit code {procs[r].exitcode}" for r in dead
+                                   if r not in (allow_exit or ())})
             if time.monotonic() > deadline:
                 raise AssertionError(f"ranks {missing} did not finish within {timeout:.0f} s; "
                                      f"errors so far: {errors}")

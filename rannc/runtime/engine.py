@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rannc import dist as rdist
+from rannc import faults
 from rannc.graph.dropout import dropout_active, train_mode
 from rannc.graph.stage import StageGraph
 from rannc.plan.deployment import Deployment
@@ -113,6 +114,7 @@ class Engine:
             flags.delay_grad_allreduce, flags.keep_graph)
 
     # ---- backward ------------------------------------------------------------------------------------
+    @faults.guarded("backward")
     def _backward(self, grads: list) -> None:
         if self._pending is None:
             raise RuntimeError("backward ran twice for one forward; use rannc.keep_graph(True) to keep the graph")

@@ -1,0 +1,192 @@
+"""Fault containment: a failure on one rank becomes, on every rank and within seconds, an error that names the
+failing rank and what went wrong.
+
+The mechanism is torch.distributed's own key-value store (the rendezvous store every process already shares):
+
+- A rank that fails inside rannc (forward, backward, clipping, planning), or whose script dies of an uncaught
+  exception, writes "rank R failed in WHERE: Error: first line" under one key (the first failure wins), then
+  destroys its process group, which closes its connections: a peer blocked in a collective with it fails at once
+  instead of waiting for the timeout.
+- A rank whose collective fails (a peer closed its connection, or the timeout passed) reads that key, waiting
+  a few seconds for it, and raises `RankFailure` with its text. When no rank wrote one (a rank was killed, or
+  hangs, or caught its exception and stopped calling), the per-rank call counters in the store say which
+  ranks fell behind; that diagnosis is written under the key too, so every rank reports the same cause.
+
+A rank that hangs is detected after `comm_timeout_s` (the process group's timeout), not within seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from rannc import dist as rdist
+
+FAILURE_KEY = "rannc/failure"
+CALLS_KEY = "rannc/calls/{rank}"
+WAIT_FOR_REPORT_S = 3.0
+
+_state: dict[str, Any] = {"store": None, "calls": 0, "hooked": False}
+
+
+class RankFailure(RuntimeError):
+    """Another rank (or the group as a whole) failed; the message names the rank and the cause."""
+
+
+def _store():
+    """The default group's store, kept here so that it outlives the group (destroyed on failure)."""
+    if _state["store"] is None and dist.is_initialized():
+        try:
+            _state["store"] = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, AttributeError, ValueError):
+            return None
+    return _state["store"]
+
+
+def install() -> None:
+    """After the process group exists: keep its store, and report uncaught exceptions of this process."""
+    _store()
+    if _state["hooked"] or rdist.get_world_size() < 2:
+        return
+    previous = sys.excepthook
+
+    def report_then_print(kind, value, tb):
+        if not isinstance(value, (KeyboardInterrupt, RankFailure)):
+            report(value, "the training script")
+        previous(kind, value, tb)
+
+    sys.excepthook = report_then_print
+    _state["hooked"] = True
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _publish(text: str) -> str:
+    """Write `text` as the failure unless one is there already; returns the failure that stands."""
+    store = _store()
+    if store is None:
+        return text
+    try:
+        return store.compare_set(FAILURE_KEY, "", text).decode()
+    except Exception:  # noqa: BLE001 - the store may be gone with the group; the local text still stands
+        return text
+
+
+def _close_group() -> None:
+    """Close this rank's connections so that peers blocked with it fail now rather than at the timeout."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already torn down or unusable: the peers see it closed either way
+            pass
+
+
+def report(exc: BaseException, where: str) -> None:
+    """This rank failed: tell the others and close its connections (rannc cannot go on after this)."""
+    if rdist.get_world_size() < 2 or not dist.is_initialized():
+        return
+    _publish(f"rank {rdist.get_rank()} failed in {where}: {first_line(exc)}")
+    _close_group()
+
+
+def count_call() -> None:
+    """Record that this rank entered one more call (what tells a stalled rank apart)."""
+    _state["calls"] += 1
+    store = _store()
+    if store is not None and rdist.get_world_size() > 1:
+        store.set(CALLS_KEY.format(rank=rdist.get_rank()), str(_state["calls"]))
+
+
+def _read_failure(wait_s: float) -> str | None:
+    store = _store()
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if store.check([FAILURE_KEY]):
+                value = store.get(FAILURE_KEY).decode()
+                if value:
+                    return value
+        except Exception:  # noqa: BLE001 - no store, no report
+            return None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def _laggards(world: int) -> str:
+    """Which ranks entered fewer calls than the others, in words."""
+    store = _store()
+    calls = {}
+    for rank in range(world):
+        try:
+            calls[rank] = int(store.get(CALLS_KEY.format(rank=rank)).decode()) if store.check(
+                [CALLS_KEY.format(rank=rank)]) else 0
+        except Exception:  # noqa: BLE001
+            calls[rank] = -1
+    top = max(calls.values())
+    behind = [r for r, c in calls.items() if 0 <= c < top]
+    if behind:
+        return (f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} stopped calling the model "
+                f"(calls entered: {', '.join(f'rank {r}: {c}' for r, c in calls.items())}); it hangs, exited "
+                f"without an error report, or caught an error and went on alone")
+    return (f"no rank reported an error and all entered {top} calls: a rank was killed, or hangs inside a call "
+            f"(calls entered: {', '.join(f'rank {r}: {c}' for r, c in calls.items())})")
+
+
+def explain(exc: BaseException, where: str) -> RankFailure:
+    """The error to raise on this rank after its communication failed in `where`."""
+    world, rank = rdist.get_world_size(), rdist.get_rank()
+    reported = _read_failure(WAIT_FOR_REPORT_S)
+    if reported is None:
+        reported = _publish(f"{_laggards(world)}; first seen by rank {rank} in {where}: {first_line(exc)}")
+    _close_group()
+    return RankFailure(f"{reported} [rank {rank} stopped in {where}]")
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """Whether `exc` is a failed collective or transfer (the peer's side of someone else's failure)."""
+    if isinstance(exc, (dist.DistError, RankFailure)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset", "Timed out", "timed out",
+                                      "Read error", "Broken pipe", "NCCL", "gloo", "process group",
+                                      "ProcessGroup", "Socket"))
+
+
+def guarded(where: str, report_own: bool = True) -> Callable:
+    """Wrap a rannc entry point: a failed collective becomes the RankFailure naming who failed; the step's own
+    failure is reported to the other ranks, unless `report_own` is off (checks whose errors every rank raises
+    together, so that nobody is left waiting)."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except RankFailure:
+                raise
+            except Exception as exc:
+                if rdist.get_world_size() < 2 or not dist.is_initialized():
+                    raise
+                if is_comm_error(exc):
+                    raise explain(exc, where) from exc
+                if report_own:
+                    report(exc, where)
+                raise
+        return run
+    return decorate
+
+
+def explained(where: str) -> Callable:
+    """`guarded` for a step whose own errors every rank raises together."""
+    return guarded(where, report_own=False)
