@@ -200,9 +200,57 @@ def training_state(args: argparse.Namespace, model: rannc.RaNNCModule, optimizer
     (the model's only onto rank 0; the optimizer's onto every rank)."""
     return {"model": model.state_dict(sync_all_ranks=False, no_hook=True),
             "optimizer": optimizer.state_dict(),
+            "rng": rank_rng_states(),
             "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
             "data_loader": loader.state_dict(), "global_step": global_step, "phase2": args.phase2,
             "phase1_end_step": args.phase1_end_step, "args": vars(args)}
+
+
+def rank_rng_states() -> list[dict]:
+    """Every rank's random generator states (CPU, and its GPU's), in rank order: dropout draws from them, so a
+    resumed run that restores them draws the masks the uninterrupted run drew. Collective."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_states(states: list[dict] | None, rank: int, world_size: int) -> None:
+    """Set this rank's generators from a checkpoint's; with another world size they cannot match, so say so."""
+    if not states:
+        return
+    if len(states) != world_size:
+        if rank == 0:
+            print(f"note: the checkpoint holds random states of {len(states)} ranks, this run has {world_size}: "
+                  f"dropout masks will differ from an uninterrupted run")
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+def load_checkpoint(path: Path, args: argparse.Namespace, rank: int) -> tuple[Path, dict]:
+    """The checkpoint at `path`; when it is the newest of output_dir and cannot be read (a run killed while
+    writing, a full disk), the next older one that can, saying which was skipped and why. Every rank sees the
+    same files, so every rank makes the same choice."""
+    candidates = [path]
+    automatic = not args.init_checkpoint and args.resume_step < 0
+    if automatic:
+        newest = int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
+        candidates += [path.parent / f"ckpt_{s}.pt" for s in reversed(checkpoint_steps(path.parent)) if s < newest]
+    problems = []
+    for candidate in candidates:
+        try:
+            return candidate, torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn zip, a truncated pickle, an unreadable file: all mean "not usable"
+            problems.append(f"{candidate}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            if rank == 0:
+                print(f"warning: cannot read checkpoint {candidate} ({problems[-1].split(': ', 1)[1]})"
+                      + ("; trying the previous one" if automatic else ""), flush=True)
+    raise RuntimeError("no usable checkpoint: " + "; ".join(problems))
 
 
 def restart_schedule(optimizer_state: dict, learning_rate: float) -> dict:
@@ -318,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     global_step, global_optimizer_state = 0, None
     checkpoint_path = agree_on(find_checkpoint(args) if rank == 0 else None)  # one view of output_dir
     if checkpoint_path is not None:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint_path, checkpoint = load_checkpoint(checkpoint_path, args, rank)
         model.load_state_dict(checkpoint["model"])
         global_optimizer_state = checkpoint.get("optimizer")
         new_phase = bool(args.init_checkpoint) or (args.phase2 and not checkpoint["phase2"])
@@ -328,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             global_step = checkpoint["global_step"]
             loader.load_state_dict(checkpoint["data_loader"])
+            restore_rng_states(checkpoint.get("rng"), rank, world_size)
             if loss_scaler is not None and checkpoint["loss_scaler"] is not None:
                 loss_scaler.load_state_dict(checkpoint["loss_scaler"])
         del checkpoint

@@ -52,7 +52,15 @@ def first_call(model: nn.Module, optimizer_patch: OptimizerPatch | None, config:
                kwargs: dict, tensors: list[torch.Tensor], global_args: list[torch.Tensor], device: torch.device,
                sync_params: bool, save_trace: Callable[[], object]) -> Installed:
     """Capture, profile, plan and install; returns what the module keeps. Exits the process after planning
-    under partitioning_dry_run_np."""
+    under partitioning_dry_run_np. The random number generators come out as they went in (profiling draws
+    dropout masks), so that a run resumed with restored generator states draws what the uninterrupted run drew."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_args, device, sync_params,
+                           save_trace)
+
+
+def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_args, device, sync_params,
+                save_trace) -> Installed:
     rank, world_size = rdist.get_rank(), rdist.get_world_size()
     t0 = time.perf_counter()
     logger.info("Tracing model ...")

@@ -12,6 +12,11 @@ The mechanism is torch.distributed's own key-value store (the rendezvous store e
   hangs, or caught its exception and stopped calling), the per-rank call counters in the store say which
   ranks fell behind; that diagnosis is written under the key too, so every rank reports the same cause.
 
+Under NCCL a closed connection does not wake a peer waiting inside a GPU kernel, so each rank also runs a
+watchdog thread that polls the key once a second and, when another rank has failed, aborts this rank's NCCL
+communicators: its blocked operation then fails and is explained as above. (Checked on gloo; the NCCL path
+has not run on several GPUs yet.)
+
 A rank that hangs is detected after `comm_timeout_s` (the process group's timeout), not within seconds.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +36,9 @@ from rannc import dist as rdist
 FAILURE_KEY = "rannc/failure"
 CALLS_KEY = "rannc/calls/{rank}"
 WAIT_FOR_REPORT_S = 3.0
+WATCHDOG_PERIOD_S = 1.0
 
-_state: dict[str, Any] = {"store": None, "calls": 0, "hooked": False}
+_state: dict[str, Any] = {"store": None, "calls": 0, "hooked": False, "watchdog": None}
 
 
 class RankFailure(RuntimeError):
@@ -62,6 +69,22 @@ def install() -> None:
 
     sys.excepthook = report_then_print
     _state["hooked"] = True
+    if rdist.uses_nccl():
+        _state["watchdog"] = threading.Thread(target=_watch, name="rannc-fault-watchdog", daemon=True)
+        _state["watchdog"].start()
+
+
+def _watch() -> None:
+    """NCCL only: abort this rank's communicators once another rank has reported a failure."""
+    store = _store()
+    while store is not None and dist.is_initialized():
+        try:
+            if store.check([FAILURE_KEY]) and store.get(FAILURE_KEY):
+                dist.distributed_c10d._abort_process_group()
+                return
+        except Exception:  # noqa: BLE001 - the group or store went away: nothing left to watch
+            return
+        time.sleep(WATCHDOG_PERIOD_S)
 
 
 def first_line(exc: BaseException) -> str:

@@ -343,3 +343,11 @@ def test_criterion_ignores_minus_one_labels():
     expected_mlm = nn.functional.cross_entropy(prediction_scores[labelled], masked_lm_labels[labelled])
     expected_nsp = nn.functional.cross_entropy(seq_relationship_score[:1], next_sentence_labels[:1])
     torch.testing.assert_close(loss, expected_mlm + expected_nsp)
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", -4), ("num_hidden_layers", 0), ("vocab_size", 2.5),
+                                         ("hidden_dropout_prob", 1.0), ("layer_norm_eps", 0),
+                                         ("num_attention_heads", True)])
+def test_config_values_that_cannot_work_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"BertConfig {field} must be"):
+        BertConfig.from_dict({field: value})

@@ -87,19 +87,34 @@ def test_full_sequence_mlm_head_gives_the_default_heads_losses(data_dir, tmp_pat
     torch.testing.assert_close(torch.tensor(masked["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=0)
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path):
-    """2 ranks x 2 stages, accumulation 2: 20 steps straight, against 10 steps (--steps_this_run, checkpoint) and
-    a resumed run for steps 11-20. Weights, LAMB moments and step, and the data order must all come back."""
+# 2 ranks x 2 stages with dropout on differ from step 11 on (by 2e-4): on 2 ranks the first call of a process
+# still draws from the random generators somewhere outside the part that forks them (an open defect), so
+# dropout is off there for now, and its losses agree to 1e-6, not to the bit.
+@pytest.mark.parametrize("world,stages,dropout", [(2, 2, False), (1, 1, True)])
+def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path, world, stages, dropout):
+    """Accumulation 2: 20 steps straight, against 10 steps (--steps_this_run, checkpoint) and a resumed run for
+    steps 11-20, bitwise. Weights, LAMB moments and step, the data order and every rank's random generators
+    must all come back; a torn newer checkpoint (ckpt_15.pt) is named and passed over."""
     common = ("--max_steps", "20", "--train_batch_size", "8", "--gradient_accumulation_steps", "2",
-              "--partition_num", "2", "--no_dropout", "--num_steps_per_checkpoint", "100")
-    runs = [_args(data_dir, tmp_path / "straight", *common, "--skip_checkpoint"),
-            _args(data_dir, tmp_path / "stopped", *common, "--steps_this_run", "10"),
-            _args(data_dir, tmp_path / "stopped", *common, "--resume_from_checkpoint")]
-    [[straight, first_half, second_half], _] = run_ranks(_pretrain, 2, runs, timeout=400, env=TWO_MICROBATCHES)
+              "--partition_num", str(stages), "--num_steps_per_checkpoint", "100",
+              *(() if dropout else ("--no_dropout",)))
+    straight = _args(data_dir, tmp_path / "straight", *common, "--skip_checkpoint")
+    first = _args(data_dir, tmp_path / "stopped", *common, "--steps_this_run", "10")
+    second = _args(data_dir, tmp_path / "stopped", *common, "--resume_from_checkpoint")
+    # the runs share their block profiles (as runs on one machine do through the default cache), so they get one
+    # plan: a split moved by profiling noise would change the summation order in the last bits
+    env = {**TWO_MICROBATCHES, "RANNC_PROFILE_CACHE_DIR": str(tmp_path / "profiles")}
+    [[straight_run, first_half]] = run_ranks(_pretrain, world, [straight, first], timeout=400, env=env)[:1]
+    whole = (tmp_path / "stopped" / "ckpt_10.pt").read_bytes()
+    (tmp_path / "stopped" / "ckpt_15.pt").write_bytes(whole[: len(whole) // 2])
+    [[second_half]] = run_ranks(_pretrain, world, [second], timeout=400, env=env)[:1]
     assert first_half["global_step"] == 10 and second_half["global_step"] == 20
-    assert sorted(p.name for p in (tmp_path / "stopped").glob("ckpt_*")) == ["ckpt_10.pt", "ckpt_20.pt"]
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("ckpt_*")) == ["ckpt_10.pt", "ckpt_15.pt", "ckpt_20.pt"]
     resumed = first_half["losses"] + second_half["losses"]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight["losses"]), rtol=1e-6, atol=0)
+    if world == 1:
+        assert resumed == straight_run["losses"]            # bitwise
+    else:   # the last bits move after the resume at 2 ranks (an open defect, like the dropout one above)
+        torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight_run["losses"]), rtol=1e-6, atol=0)
 
 
 def _crash_on_fifth_save(rank: int, world: int, argv: list[str]) -> None:

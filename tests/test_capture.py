@@ -51,3 +51,18 @@ def test_one_graph_serves_every_batch_size():
     for rows in (1, 3, 8):
         batch = models.global_batch("skip", rows, 1)
         torch.testing.assert_close(whole.module(*batch)[0], model(*batch))
+
+
+class _WritesItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, target):
+        target[:, 0].mul_(2)               # in place, through a view of the argument
+        return ((self.linear(x) - target) ** 2).mean()
+
+
+def test_in_place_write_to_an_argument_is_refused_by_name():
+    with pytest.raises(CaptureError, match=r"writes in place to its argument #1.*Clone the input"):
+        capture(_WritesItsInput(), (torch.randn(3, 4), torch.randn(3, 4)))

@@ -40,7 +40,7 @@ def _train(rank, world, stages, fault, faulty, steps=4):
             elif fault == "exit":
                 os._exit(3)
             elif fault == "stop":
-                time.sleep(20)   # alive, not calling: the others must name this rank within their timeout
+                time.sleep(14)   # alive, not calling: the others must name this rank within their timeout
                 return "stopped", 0.0
         started = time.monotonic()
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from rannc.graph.capture import CapturedGraph, is_replicable, is_tensor_value
+from rannc.graph.capture import CapturedGraph, is_replicable, is_tensor_value, mutated_args
 
 
 @dataclass
@@ -52,25 +52,12 @@ def linearize(captured: CapturedGraph) -> Linearized:
     # otherwise mutate a tensor autograd treats as a leaf input
     blocked = [False] * (end + 1)
     for k, node in enumerate(nodes):
-        for arg in _mutated_args(node):
+        for arg in mutated_args(node):
             if arg in position:
                 for c in range(position[arg] + 1, k + 1):
                     blocked[c] = True
     valid = [c for c in range(1, end) if not blocked[c] and all(is_tensor_value(v) for v in crossing[c])]
     return Linearized(nodes, crossing, valid)
-
-
-def _mutated_args(node: fx.Node) -> list[fx.Node]:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return []
-    out = []
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if isinstance(value, fx.Node):
-                out.append(value)
-    return out
 
 
 def node_flops(node: fx.Node) -> float:

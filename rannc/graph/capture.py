@@ -101,6 +101,47 @@ def preserved_state(model: nn.Module):
             p.grad = g
 
 
+def mutated_args(node: fx.Node) -> list[fx.Node]:
+    """The values an operation writes in place (from its schema's alias annotations)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, fx.Node):
+                out.append(value)
+    return out
+
+
+def _base_placeholder(node: fx.Node) -> fx.Node | None:
+    """The input a value is (a view of), following view operations back."""
+    while node.op != "placeholder":
+        schema = getattr(node.target, "_schema", None)
+        first = schema.arguments[0] if schema is not None and schema.arguments else None
+        if first is None or first.alias_info is None or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return node
+
+
+def _refuse_mutated_inputs(gm: fx.GraphModule, call: CallSignature, model_name: str) -> None:
+    """rannc runs the model on micro-batches cut from a gathered copy of the inputs, so an in-place write to
+    an input would neither reach the caller's tensor nor be seen consistently by autograd: refuse it here."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {base for node in gm.graph.nodes for arg in mutated_args(node)
+               if (base := _base_placeholder(arg)) is not None}
+    if not written:
+        return
+    paths = call.tensor_paths()
+    which = [paths[i] if i < len(paths) else p.name for i, p in enumerate(placeholders) if p in written]
+    raise CaptureError(f"{model_name}.forward writes in place to its argument {', '.join(which)}; rannc runs the model "
+                       f"on micro-batches cut from a copy of the inputs, so the write could not reach your tensor. "
+                       f"Clone the input before changing it (x = x.clone(); x.add_(...)) or use the out-of-place "
+                       f"operation (x = x + ...)")
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_batch: bool = True) -> CapturedGraph:
     """Export `model(*args, **kwargs)`; raise CaptureError naming the failing operation.
 
@@ -135,6 +176,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
                            f"outputs to return")
     gm = exported.module()
     _clean(gm)
+    _refuse_mutated_inputs(gm, call, type(model).__name__)
     dropout_ops.route_dropout(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(tensors):
