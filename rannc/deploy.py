@@ -78,10 +78,8 @@ def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_ar
         local_args, local_kwargs = call.rebuild(tuple(t.detach().to(model_device) for t in tensors))
         error = None
         try:
-            captured = capture(model, local_args, local_kwargs)
-            retarget_device(captured.gm, device)
-            lin = linearize(captured)
-            blocks = make_blocks(lin, config.max_blocks)
+            captured, lin, blocks = capture_blocks(model, local_args, config, dynamic_batch=True,
+                                                   kwargs=local_kwargs, device=device)
         except Exception as exc:  # raised on every rank, not only where it happened
             error = exc
         rdist.agree_or_raise(error, "capturing the model")
@@ -208,9 +206,13 @@ def _autocast_dtype(device: torch.device):
 
 # ---- the dry run ---------------------------------------------------------------------------------------------
 
-def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig,
-                   dynamic_batch: bool = False) -> tuple[CapturedGraph, Linearized, Blocks]:
-    captured = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig, dynamic_batch: bool = False,
+                   kwargs: dict | None = None, device: torch.device | None = None
+                   ) -> tuple[CapturedGraph, Linearized, Blocks]:
+    """Capture, retarget the graph's device constants to `device` (when given), and cut into blocks."""
+    captured = capture(model, example_inputs, kwargs, dynamic_batch=dynamic_batch)
+    if device is not None:
+        retarget_device(captured.gm, device)
     lin = linearize(captured)
     return captured, lin, make_blocks(lin, config.max_blocks)
 

@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 from rannc.plan.deployment import Deployment
-from rannc.schedule import get as get_schedule
-from rannc.schedule import simulate
+from rannc.plan.planner import simulate_deployment
 
 COLORS = {"F": "#4C72B0", "B": "#DD8452", "tail": "#8C8C8C"}
 
@@ -18,13 +17,7 @@ COLORS = {"F": "#4C72B0", "B": "#DD8452", "tail": "#8C8C8C"}
 def simulated_timeline(deployment: Deployment) -> list[tuple[int, str, float, float]]:
     """(stage, kind, start ms, end ms) of one simulated step, the tail after each stage's last backward."""
     stages = deployment.stages
-    lists = get_schedule(deployment.schedule if len(stages) > 1 else "gpipe")(len(stages),
-                                                                            deployment.microbatch_count)
-    costs = {}
-    for s, st in enumerate(stages):
-        costs[(s, "F")] = st.fwd_ms + st.send_ms
-        costs[(s, "B")] = st.bwd_ms
-    result = simulate(lists, costs)
+    result = simulate_deployment(deployment)
     rows = [(s, action.kind, start, end) for s, action, start, end in result.timeline]
     for s, st in enumerate(stages):
         last = max(end for stage, _, _, end in rows if stage == s)

@@ -120,13 +120,13 @@ def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfi
     memory a stage needed where nothing fitted."""
     groups = space(config, world_size, costs.n, batch_size)
     # cheap bounds first, so that the best plan is found early and most groups are cut off
-    order = sorted(groups, key=lambda key: _group_bound(costs, key, groups[key], batch_size))
+    bounds = {key: _group_bound(costs, key, counts, batch_size) for key, counts in groups.items()}
+    order = sorted(groups, key=bounds.get)
     found: list[Candidate] = []
     best = math.inf
     smallest_need = math.inf
     for replicas, microbatches in order:
-        bound = _group_bound(costs, (replicas, microbatches), groups[(replicas, microbatches)], batch_size)
-        if bound >= best * (1.0 + SIMPLER_PLAN_MARGIN):
+        if bounds[(replicas, microbatches)] >= best * (1.0 + SIMPLER_PLAN_MARGIN):
             continue
         samples = microbatch_size(batch_size, replicas, microbatches)
         table = costs.table(replicas, samples)
@@ -285,13 +285,19 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
     return deployment
 
 
-def simulated_bubble(deployment: Deployment) -> float:
-    """The share of the pipeline's stage time spent idle in one step, by simulating its schedule with the
-    stages' predicted forward and backward times (the tail excluded)."""
+def simulate_deployment(deployment: Deployment):
+    """One step of the deployment's schedule simulated with its stages' predicted forward (plus send) and
+    backward times, the tail excluded; shared by the report's bubble and the picture's timeline."""
     stage_count = len(deployment.stages)
-    if stage_count == 1:
-        return 0.0
-    lists = get_schedule(deployment.schedule)(stage_count, deployment.microbatch_count)
-    fwd = {(s, "F"): st.fwd_ms + st.send_ms for s, st in enumerate(deployment.stages)}
-    bwd = {(s, "B"): st.bwd_ms for s, st in enumerate(deployment.stages)}
-    return simulate(lists, {**fwd, **bwd}).bubble_fraction
+    lists = get_schedule(deployment.schedule if stage_count > 1 else "gpipe")(stage_count,
+                                                                             deployment.microbatch_count)
+    costs = {}
+    for s, st in enumerate(deployment.stages):
+        costs[(s, "F")] = st.fwd_ms + st.send_ms
+        costs[(s, "B")] = st.bwd_ms
+    return simulate(lists, costs)
+
+
+def simulated_bubble(deployment: Deployment) -> float:
+    """The share of the pipeline's stage time spent idle in one step (0 for one stage)."""
+    return simulate_deployment(deployment).bubble_fraction if len(deployment.stages) > 1 else 0.0

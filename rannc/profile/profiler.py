@@ -40,7 +40,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -193,22 +193,22 @@ def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
         extra = [0.0, 0.0]    # peak above the start: the first run (no gradients yet), the later ones (with)
         for rep in range(repeats + 1):
             if cuda:
-                _sync(device)
+                sync_device(device)
                 baseline = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             for r in received:
                 r.grad = None
             saved.clear()
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, autocast_dtype):
                 outs = stage.module(*args)
-            _sync(device)
+            sync_device(device)
             t1 = time.perf_counter()
             diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
             if diff:
                 torch.autograd.backward(diff, [torch.ones_like(o) for o in diff])
-            _sync(device)
+            sync_device(device)
             t2 = time.perf_counter()
             if rep:  # the first run warms up
                 fwd_times.append((t1 - t0) * 1e3)
@@ -276,11 +276,11 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
 
     def timed(fn, reps=3):
         fn()
-        _sync(comm)
+        sync_device(comm)
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        _sync(comm)
+        sync_device(comm)
         return (time.perf_counter() - t0) * 1e3 / reps
 
     def ping(t):

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from rannc.profile.profiler import sync_device
 from rannc.profile.profiles import UpdateProfile
 
 logger = logging.getLogger("rannc.profile")
@@ -25,11 +26,6 @@ FEW_TENSORS = 8
 SMALL_TENSORS = 128
 SMALL_NUMEL = 1024
 LARGE_TENSORS = 4
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _stand_ins(count: int, numel: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
@@ -45,10 +41,10 @@ def _median_ms(fn, device: torch.device, repeats: int) -> float:
     fn()   # warm-up: creates the optimizer state
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
@@ -105,11 +101,11 @@ def measure_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, 
         return profile
     temp = 0.0
     if device.type == "cuda":
-        _sync(device)
+        sync_device(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         optimizers["large"].step()
-        _sync(device)
+        sync_device(device)
         temp = (torch.cuda.max_memory_allocated(device) - before) / large_total
     state = sum(t.numel() * t.element_size() for st in optimizers["large"].state.values() for t in st.values()
                 if torch.is_tensor(t) and t.dim() > 0)
