@@ -6,15 +6,21 @@
 The model is bert/modeling.py's BertForPreTrainingWithCriterion (loss inside), seq 128 with 20 masked
 positions per sequence (phase 1), LAMB, bf16 autocast on GPUs. Its MLM head scores the masked positions
 only; --full_sequence_mlm runs the seed's head over every position. Prints the rannc plan, samples/s,
-peak memory per GPU and the ratio rannc / DDP.
+peak memory per GPU and the ratio rannc / DDP, and after the timed steps a few steps timed phase by phase
+(forward, backward, clipping, optimizer; each followed by a device sync) to compare with the plan's parts.
+
+A contender `rannc:ITEM=VALUE,...` forces rannc config items (`rannc:partition_num=2`,
+`rannc:partition_num=1`): the planner's choice measured against its alternatives in one launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -43,7 +49,47 @@ def make_batch(config: BertConfig, batch: int, seq: int, preds: int, device, see
                                    torch.randint(0, 2, (batch,), generator=g))]
 
 
+def contender_items(kind: str) -> dict:
+    """`rannc:partition_num=2;min_pipeline=4` -> {"partition_num": 2, "min_pipeline": 4}."""
+    _, _, spec = kind.partition(":")
+    items = {}
+    for pair in filter(None, spec.split(";")):
+        key, _, value = pair.partition("=")
+        items[key] = int(value) if value.lstrip("-").isdigit() else value
+    return items
+
+
+def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, sync):
+    """One training step; returns the loss and the milliseconds of each phase (with `sync` a device sync after
+    each, so that the phases are the device's; without it they are the host's)."""
+    marks = [time.perf_counter()]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        loss = wrapped(*batch)
+    sync()
+    marks.append(time.perf_counter())
+    loss.backward()
+    sync()
+    marks.append(time.perf_counter())
+    if kind == "rannc":
+        wrapped.clip_grad_norm(1.0)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    sync()
+    marks.append(time.perf_counter())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    marks.append(time.perf_counter())
+    return loss, [1e3 * (b - a) for a, b in zip(marks, marks[1:])]
+
+
+def device_sync_of(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def run(kind: str, args, config, device, rank, world) -> dict:
+    name, items = kind, contender_items(kind)
+    kind = kind.split(":")[0]
     torch.manual_seed(args.seed)
     model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
     if kind == "ddp":
@@ -51,8 +97,8 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     optimizer = Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0)
     if kind == "rannc":
         # every step ends with zero_grad(set_to_none=True) and nothing accumulates: tell the planner
-        wrapped = rannc.RaNNCModule(model, optimizer, accumulate_grads=False,
-                                    **({"partition_num": args.partition_num} if args.partition_num else {}))
+        items = {**({"partition_num": args.partition_num} if args.partition_num else {}), **items}
+        wrapped = rannc.RaNNCModule(model, optimizer, accumulate_grads=False, **items)
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                             if device.type == "cuda" else None)
@@ -61,6 +107,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     use_autocast = device.type == "cuda" and not args.no_autocast
     setup_s = None
     t_start = time.perf_counter()
+    parts = (kind, wrapped, model, optimizer, batch, use_autocast, device)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             if device.type == "cuda":
@@ -68,21 +115,16 @@ def run(kind: str, args, config, device, rank, world) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             dist.barrier()
             t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = wrapped(*batch)
-        loss.backward()
-        if kind == "rannc":
-            wrapped.clip_grad_norm(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = train_step(*parts, lambda: None)
         if step == 0:
             setup_s = time.perf_counter() - t_start
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
     elapsed = time.perf_counter() - t0
+    phases = [train_step(*parts, device_sync_of(device))[1] for _ in range(args.breakdown_steps)]
+    breakdown = {name: round(statistics.median(p[i] for p in phases), 2)
+                 for i, name in enumerate(("forward", "backward", "clip", "optimizer"))} if phases else {}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     peaks = [None] * world
     dist.all_gather_object(peaks, round(peak, 2))
@@ -90,9 +132,9 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     if kind == "ddp":
         dist.all_reduce(loss_value)
         loss_value = loss_value.item() / world
-    result = {"contender": kind, "samples_per_s": args.steps * args.batch_per_gpu * world / elapsed,
+    result = {"contender": name, "samples_per_s": args.steps * args.batch_per_gpu * world / elapsed,
               "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks, "first_step_s": setup_s,
-              "final_loss": loss_value}
+              "final_loss": loss_value, "breakdown_ms": breakdown}
     if kind == "rannc":
         deployment = wrapped.deployment
         result["plan"] = deployment.table()
@@ -101,7 +143,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         result["predicted_peak_gib"] = max(s.memory_bytes for s in deployment.stages) / 2**30
         if peak:
             result["predicted_over_measured_peak"] = result["predicted_peak_gib"] / max(p for p in peaks if p)
-    del wrapped, model, optimizer, batch, loss
+    del wrapped, model, optimizer, batch, loss, parts
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -116,13 +158,18 @@ def main() -> None:
     p.add_argument("--preds", type=int, default=20)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--breakdown_steps", type=int, default=3, help="steps timed phase by phase after the timed ones")
     p.add_argument("--contenders", default="rannc,ddp")
     p.add_argument("--partition_num", type=int, default=0)
     p.add_argument("--no_autocast", action="store_true")
     p.add_argument("--full_sequence_mlm", action="store_true", help="the seed's MLM head over every position")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
+    p.add_argument("--dump_stacks_after_s", type=float, default=0,
+                   help="print every thread's stack after this many seconds (to see where a run hangs)")
     args = p.parse_args()
+    if args.dump_stacks_after_s:
+        faulthandler.dump_traceback_later(args.dump_stacks_after_s, repeat=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))

@@ -26,7 +26,8 @@ import rannc  # noqa: E402
 from bert.modeling import BertConfig, BertForPreTrainingWithCriterion  # noqa: E402
 
 
-def _median_ms(fn, device: torch.device, repeats: int) -> float:
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of fn() between device syncs, after two warm-up runs."""
     times = []
     for _ in range(repeats + 2):
         if device.type == "cuda":
@@ -63,9 +64,9 @@ def main() -> None:
         for p, g in zip(params, grads):
             p.grad.copy_(g)
 
-    ours = _median_ms(lambda: (restore(), wrapped.clip_grad_norm(1.0)), device, args.repeats)
-    theirs = _median_ms(lambda: (restore(), torch.nn.utils.clip_grad_norm_(params, 1.0)), device, args.repeats)
-    copy = _median_ms(restore, device, args.repeats)
+    ours = median_ms(lambda: (restore(), wrapped.clip_grad_norm(1.0)), device, args.repeats)
+    theirs = median_ms(lambda: (restore(), torch.nn.utils.clip_grad_norm_(params, 1.0)), device, args.repeats)
+    copy = median_ms(restore, device, args.repeats)
     restore()
     norm_ours = wrapped.calc_grad_norm().item()
     norm_torch = torch.nn.utils.get_total_norm([p.grad for p in params]).item()

@@ -201,6 +201,7 @@ def training_state(args: argparse.Namespace, model: rannc.RaNNCModule, optimizer
     return {"model": model.state_dict(sync_all_ranks=False, no_hook=True),
             "optimizer": optimizer.state_dict(),
             "rng": rank_rng_states(),
+            "deployment": model.deployment.to_json(),
             "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
             "data_loader": loader.state_dict(), "global_step": global_step, "phase2": args.phase2,
             "phase1_end_step": args.phase1_end_step, "args": vars(args)}
@@ -216,6 +217,29 @@ def rank_rng_states() -> list[dict]:
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, mine)
     return states
+
+
+def resumed_deployment(checkpoint: dict, args: argparse.Namespace, rank: int, world_size: int,
+                       call_batch_size: int) -> Path | None:
+    """The checkpoint's plan as a file for RaNNCModule(load_deployment=), when it fits this run (same number of
+    processes and global batch per call); else None, and a fresh plan. Planning anew would split the model by
+    this run's profiling noise, and another split draws dropout masks on other ranks and sums in another order:
+    the resumed losses would drift from the uninterrupted run's. Rank 0 (the one that reads it) writes it."""
+    text = checkpoint.get("deployment")
+    if not text:
+        return None
+    deployment = rannc.Deployment.from_json(text)
+    if (deployment.world_size, deployment.batch_size) != (world_size, call_batch_size):
+        if rank == 0:
+            print(f"note: the checkpoint's plan was made for {deployment.world_size} process(es) and batch "
+                  f"{deployment.batch_size} per call, this run has {world_size} and {call_batch_size}: planning "
+                  f"anew", flush=True)
+        return None
+    path = Path(args.output_dir) / "resumed_deployment.json"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deployment.save(path)
+    return path
 
 
 def restore_rng_states(states: list[dict] | None, rank: int, world_size: int) -> None:
@@ -344,32 +368,44 @@ def main(argv: list[str] | None = None) -> dict:
     run_start = time.perf_counter()
     args = parse_arguments(argv)
     config, model, optimizer, scheduler = prepare_model_and_optimizer(args)  # model and optimizer as NVIDIA's
+    rank, world_size = rannc.get_rank(), rannc.get_world_size()
+    k = args.gradient_accumulation_steps
+
+    # Weights go in before the first call; optimizer state after the first backward, once rannc has partitioned.
+    # Every rank reads the same output_dir, so every rank picks the same checkpoint (checked below).
+    global_step, global_optimizer_state, checkpoint = 0, None, None
+    checkpoint_path = find_checkpoint(args)
+    if checkpoint_path is not None:
+        checkpoint_path, checkpoint = load_checkpoint(checkpoint_path, args, rank)
+    new_phase = checkpoint is not None and (bool(args.init_checkpoint) or (args.phase2 and not checkpoint["phase2"]))
 
     rannc_options = {} if args.partition_num is None else {"partition_num": args.partition_num}
+    deployment_file = None
+    if checkpoint is not None and not new_phase:
+        call_batch = (args.train_batch_size // k) * world_size
+        deployment_file = resumed_deployment(checkpoint, args, rank, world_size, call_batch)
+    if deployment_file is not None:
+        rannc_options = {"load_deployment": str(deployment_file)}
     model = rannc.RaNNCModule(model, optimizer, **rannc_options)
     rannc.delay_grad_allreduce(args.allreduce_post_accumulation)
     if args.no_dropout:
         model.enable_dropout(False)
-    rank, world_size = rannc.get_rank(), rannc.get_world_size()
+    if agree_on(str(checkpoint_path)) != str(checkpoint_path):
+        raise RuntimeError(f"rank {rank} would resume from {checkpoint_path} but rank 0 from another checkpoint: "
+                           f"every rank must see the same --output_dir")
     device = rank_device()
     torch.manual_seed(args.seed + rank)  # dropout differs across ranks, as in NVIDIA's script
 
     input_dir = prepare_data(args, rank)
     check_vocab(input_dir, config)
-    k = args.gradient_accumulation_steps
     loader = ShardedBatchLoader(input_dir, args.train_batch_size // k, rank, world_size, seed=args.seed,
                                 full_sequence_mlm=args.full_sequence_mlm)
     loss_scaler = DynamicLossScaler(init_scale=args.init_loss_scale) if args.fp16 else None
     amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
-    # Weights go in before the first call; optimizer state after the first backward, once rannc has partitioned.
-    global_step, global_optimizer_state = 0, None
-    checkpoint_path = agree_on(find_checkpoint(args) if rank == 0 else None)  # one view of output_dir
-    if checkpoint_path is not None:
-        checkpoint_path, checkpoint = load_checkpoint(checkpoint_path, args, rank)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         global_optimizer_state = checkpoint.get("optimizer")
-        new_phase = bool(args.init_checkpoint) or (args.phase2 and not checkpoint["phase2"])
         if new_phase:
             if global_optimizer_state:
                 global_optimizer_state = restart_schedule(global_optimizer_state, args.learning_rate)
@@ -379,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             restore_rng_states(checkpoint.get("rng"), rank, world_size)
             if loss_scaler is not None and checkpoint["loss_scaler"] is not None:
                 loss_scaler.load_state_dict(checkpoint["loss_scaler"])
-        del checkpoint
+        checkpoint = None
     stop_step = args.max_steps if args.steps_this_run < 0 else min(args.max_steps, global_step + args.steps_this_run)
 
     is_main = rank == 0

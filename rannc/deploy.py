@@ -23,8 +23,8 @@ from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
 from rannc.graph.signature import CallSignature
 from rannc.graph.stage import build_stage
-from rannc.plan.deployment import Deployment
-from rannc.plan.planner import plan, profile_sizes
+from rannc.plan.deployment import Deployment, DeploymentError
+from rannc.plan.planner import plan, profile_sizes, rows_within
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
 from rannc.profile.profiler import build_profile_set, cached_links
 from rannc.profile.update import measure_update
@@ -135,9 +135,17 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
     if config.load_deployment:
         deployment = Deployment.load(config.deployment_file)
         deployment.check_fits(captured.fingerprint, plan_world, batch_size, config.deployment_file)
+        if not rows_within(batch_size, deployment.replicas, deployment.microbatch_count, captured.batch_range):
+            raise DeploymentError(f"the deployment in {config.deployment_file} cuts micro-batches outside the "
+                                  f"{captured.batch_range} rows the model's graph holds for (it branches on its "
+                                  f"batch size); plan anew")
         logger.info("Loaded deployment from %s", config.deployment_file)
         return deployment
-    sizes = profile_sizes(config, plan_world, blocks.count, batch_size)
+    if captured.batch_range != (1, None):
+        low, high = captured.batch_range
+        logger.warning("the model branches on its batch size: its graph holds for micro-batches of %d to %s rows "
+                       "only, and the plan keeps to them", low, "any number of" if high is None else high)
+    sizes = profile_sizes(config, plan_world, blocks.count, batch_size, captured.batch_range)
     logger.info("Running profiler ...")
     update = measure_update(optimizer_patch.optimizer if optimizer_patch is not None else None,
                             _parameter_dtype(captured), device)
@@ -146,7 +154,7 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
                                 show_progress=config.verbose, update=update)
     logger.info("Profiling finished")
     logger.info("Assuming batch size: %d", batch_size)
-    return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint)
+    return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint, captured.batch_range)
 
 
 def _install(model, captured, lin, deployment: Deployment, named: dict, optimizer_patch, config: RannConfig,

@@ -14,10 +14,14 @@ The mechanism is torch.distributed's own key-value store (the rendezvous store e
 
 Under NCCL a closed connection does not wake a peer waiting inside a GPU kernel, so each rank also runs a
 watchdog thread that polls the key once a second and, when another rank has failed, aborts this rank's NCCL
-communicators: its blocked operation then fails and is explained as above. (Checked on gloo; the NCCL path
-has not run on several GPUs yet.)
+communicators: its blocked operation then fails and is explained as above (on 2 H200: a rank raising in
+forward is named on the other within 0.6 s; `scripts/fault_drill.py`). A rank hanging under NCCL is still
+ended by NCCL's own watchdog after the timeout (its flight-recorder dump names the collective that timed
+out), before rannc can name the rank.
 
-A rank that hangs is detected after `comm_timeout_s` (the process group's timeout), not within seconds.
+A rank that hangs is detected after `comm_timeout_s` (the process group's timeout), not within seconds: every
+rank whose wait ends (by the timeout, or because a peer gave up) marks itself in the store as having left its
+call, and the ranks that never do are named as the ones that hang inside it.
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ from rannc import dist as rdist
 
 FAILURE_KEY = "rannc/failure"
 CALLS_KEY = "rannc/calls/{rank}"
+LEFT_KEY = "rannc/left/{rank}"       # this rank's wait ended (it does not hang): where it was
 WAIT_FOR_REPORT_S = 3.0
 WATCHDOG_PERIOD_S = 1.0
 
-_state: dict[str, Any] = {"store": None, "calls": 0, "hooked": False, "watchdog": None}
+_state: dict[str, Any] = {"store": None, "calls": 0, "hooked": False, "watchdog": None, "closing": False}
+
+
+_TEARDOWN = threading.Lock()   # the watchdog's abort and this rank's own teardown, one at a time
 
 
 class RankFailure(RuntimeError):
@@ -80,7 +88,11 @@ def _watch() -> None:
     while store is not None and dist.is_initialized():
         try:
             if store.check([FAILURE_KEY]) and store.get(FAILURE_KEY):
-                dist.distributed_c10d._abort_process_group()
+                # not while this rank tears its group down itself (two teardowns at once corrupted the heap)
+                with _TEARDOWN:
+                    if not _state["closing"]:
+                        _state["closing"] = True
+                        dist.distributed_c10d._abort_process_group()
                 return
         except Exception:  # noqa: BLE001 - the group or store went away: nothing left to watch
             return
@@ -105,6 +117,8 @@ def _publish(text: str) -> str:
 
 def _close_group() -> None:
     """Close this rank's connections so that peers blocked with it fail now rather than at the timeout."""
+    with _TEARDOWN:
+        _state["closing"] = True
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -114,7 +128,7 @@ def _close_group() -> None:
 
 def report(exc: BaseException, where: str) -> None:
     """This rank failed: tell the others and close its connections (rannc cannot go on after this)."""
-    if rdist.get_world_size() < 2 or not dist.is_initialized():
+    if rdist.get_world_size() < 2 or _store() is None:
         return
     _publish(f"rank {rdist.get_rank()} failed in {where}: {first_line(exc)}")
     _close_group()
@@ -147,33 +161,56 @@ def _read_failure(wait_s: float) -> str | None:
 
 
 def _laggards(world: int) -> str:
-    """Which ranks entered fewer calls than the others, in words."""
+    """Which ranks entered fewer calls than the others, or hang inside the call the others left, in words."""
     store = _store()
-    calls = {}
+    calls, left = {}, {}
     for rank in range(world):
         try:
             calls[rank] = int(store.get(CALLS_KEY.format(rank=rank)).decode()) if store.check(
                 [CALLS_KEY.format(rank=rank)]) else 0
+            if store.check([LEFT_KEY.format(rank=rank)]):
+                left[rank] = store.get(LEFT_KEY.format(rank=rank)).decode()
         except Exception:  # noqa: BLE001
             calls[rank] = -1
+    entered = ", ".join(f"rank {r}: {c}" for r, c in calls.items())
     top = max(calls.values())
     behind = [r for r, c in calls.items() if 0 <= c < top]
     if behind:
-        return (f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} stopped calling the model "
-                f"(calls entered: {', '.join(f'rank {r}: {c}' for r, c in calls.items())}); it hangs, exited "
-                f"without an error report, or caught an error and went on alone")
-    return (f"no rank reported an error and all entered {top} calls: a rank was killed, or hangs inside a call "
-            f"(calls entered: {', '.join(f'rank {r}: {c}' for r, c in calls.items())})")
+        return (f"rank{'s' if len(behind) > 1 else ''} {_listed(behind)} stopped calling the model "
+                f"(calls entered: {entered}); it hangs, exited without an error report, or caught an error and "
+                f"went on alone")
+    hung = [r for r in range(world) if r not in left]
+    if hung and len(hung) < world:
+        waited = "; ".join(f"rank {r} in {where}" for r, where in left.items())
+        return (f"rank{'s' if len(hung) > 1 else ''} {_listed(hung)} never came out of call {top} while the "
+                f"others waited for {'them' if len(hung) > 1 else 'it'} ({waited}): it hangs inside the call (in "
+                f"the model's code or a kernel) or died in it")
+    return (f"no rank reported an error and all entered {top} calls: a rank was killed, or the ranks wait in "
+            f"different collectives (calls entered: {entered})")
+
+
+def _listed(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
 
 
 def explain(exc: BaseException, where: str) -> RankFailure:
     """The error to raise on this rank after its communication failed in `where`."""
     world, rank = rdist.get_world_size(), rdist.get_rank()
+    _mark_left(rank, where)
+    _close_group()  # first: peers still waiting for this rank fail now and mark themselves too
     reported = _read_failure(WAIT_FOR_REPORT_S)
     if reported is None:
         reported = _publish(f"{_laggards(world)}; first seen by rank {rank} in {where}: {first_line(exc)}")
-    _close_group()
     return RankFailure(f"{reported} [rank {rank} stopped in {where}]")
+
+
+def _mark_left(rank: int, where: str) -> None:
+    store = _store()
+    if store is not None:
+        try:
+            store.set(LEFT_KEY.format(rank=rank), where)
+        except Exception:  # noqa: BLE001 - no store: the diagnosis will say less
+            pass
 
 
 def is_comm_error(exc: BaseException) -> bool:
@@ -199,7 +236,8 @@ def guarded(where: str, report_own: bool = True) -> Callable:
             except RankFailure:
                 raise
             except Exception as exc:
-                if rdist.get_world_size() < 2 or not dist.is_initialized():
+                # not dist.is_initialized(): an aborted group (NCCL) is gone too, and still to be explained
+                if rdist.get_world_size() < 2 or _store() is None:
                     raise
                 if is_comm_error(exc):
                     raise explain(exc, where) from exc

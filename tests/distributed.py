@@ -1,7 +1,8 @@
 """Run a function on N gloo ranks on the CPU, as separate processes, with a timeout.
 
 Every multi-process test goes through `run_ranks`: it fails with the rank's traceback when any rank
-raises, and kills all ranks when one of them hangs past the timeout."""
+raises, and kills all ranks when one of them hangs past the timeout. Ranks are forked from a forkserver that
+has imported torch and rannc (not from the test process, whose threads must not be forked)."""
 
 from __future__ import annotations
 
@@ -38,11 +39,22 @@ def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, a
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
+# Ranks are forked from one server process that has imported these once: a spawned rank spends ~3.5 s of a
+# 2-core machine importing torch, which was most of a small multi-rank test.
+PRELOADED = ["torch", "torch.distributed", "rannc", "bert.pretrain"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOADED)
+    return ctx
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
               env: dict | None = None, allow_exit: set[int] | None = None) -> list[Any]:
     """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order (None for the
     ranks in `allow_exit` that ended their process without a result)."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(fn, r, world, port, env or {}, results, args), daemon=True)

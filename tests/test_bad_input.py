@@ -142,3 +142,66 @@ def test_a_failing_rank_does_not_hang_the_others():
     errors = info.value.errors
     assert "simulated failure on rank 1" in errors[1]
     assert 0 in errors  # rank 0 ends with an error of its own (timeout or peer gone), not a hang
+
+
+class _BatchBranch(torch.nn.Module):
+    """Takes another path for batches of more than `over` rows (or fewer than `under`): a graph traced at 8 rows
+    holds only for the sizes that take the same path."""
+
+    def __init__(self, over: int | None = None, under: int | None = None):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.over, self.under = over, under
+
+    def forward(self, x):
+        h = self.fc(x)
+        if (self.over is not None and x.shape[0] > self.over) or (self.under is not None and x.shape[0] < self.under):
+            h = h * 2
+        return h.pow(2).mean()
+
+
+def _batch_branch_plan(rank, world, branch, items):
+    import rannc
+    torch.manual_seed(0)
+    model = _BatchBranch(**branch)
+    halves = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)).chunk(world)
+    with torch.no_grad():  # each rank's forward on its own 8 rows, as under DDP
+        eager = sum(float(model(h)) for h in halves) / world
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, **items)
+    loss = wrapped(halves[rank])
+    d = wrapped.deployment
+    return d.microbatch_count, len(d.stages), float(loss), eager
+
+
+def test_a_branch_on_the_batch_size_keeps_micro_batches_in_its_range():
+    """Traced at 8 rows per rank, the branch `x.shape[0] < 10` holds for up to 9 rows: 2 stages on 2 ranks may
+    not run the 16 rows of the global batch as one micro-batch (it would take the other path silently), only
+    as 2 of 8; the loss is that of each rank's eager forward on its 8 rows."""
+    results = run_ranks(_batch_branch_plan, 2, {"under": 10},
+                        {"partition_num": 2, "min_pipeline": 1, "max_pipeline": 2}, timeout=120)
+    for microbatches, stages, loss, eager in results:
+        assert (microbatches, stages) == (2, 2)
+        assert loss == pytest.approx(eager, rel=1e-6)
+
+
+def test_planner_space_keeps_to_the_batch_range():
+    from rannc.config import RannConfig
+    from rannc.plan.planner import space
+
+    config = RannConfig(min_pipeline=1, max_pipeline=8)
+    assert set(space(config, 2, 4, 16)) == {(2, 1), (2, 2), (2, 4), (2, 8), (1, 1), (1, 2), (1, 4), (1, 8)}
+    assert set(space(config, 2, 4, 16, (7, None))) == {(2, 1), (1, 1), (1, 2)}   # 16 / (r x m) >= 7
+    assert set(space(config, 2, 4, 16, (1, 9))) == {(2, 1), (2, 2), (2, 4), (2, 8), (1, 2), (1, 4), (1, 8)}
+
+
+def test_a_branch_on_the_batch_size_outside_every_plan_is_a_planning_error():
+    errors = _errors_with(_batch_branch_plan, 2, {"over": 6}, {"partition_num": 1, "min_pipeline": 4})
+    assert sorted(errors) == [0, 1]
+    for text in errors.values():
+        assert "branches on its batch size" in text and "7 to any number of rows" in text
+
+
+def _errors_with(fn, world, *args):
+    with pytest.raises(RankError) as info:
+        run_ranks(fn, world, *args, timeout=120)
+    return info.value.errors

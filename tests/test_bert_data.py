@@ -5,8 +5,11 @@ The shards come from a small text folder built from the stdlib's pydoc topics, s
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import random
 import time
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -16,6 +19,7 @@ import torch
 
 from bert.data import corpus
 from bert.data.dataset import IGNORE_INDEX, PretrainingDataset, ShardedBatchLoader, masked_lm_slots, shard_files
+from bert.data.hdf5_writer import SHARD_DTYPES, chunk_rows, create_shard_datasets, row_shapes
 from bert.data.instances import InstanceConfig, create_masked_lm_predictions
 from bert.data.prepare import PREP_ARGS_FILE, main, prepare_default_data
 from bert.data.vocab import SPECIAL_TOKENS, Vocab
@@ -131,6 +135,9 @@ def test_shards_have_nvidia_keys_dtypes_and_shapes(shards):
                 assert f[key].shape == (n, SEQ)
             for key in ("masked_lm_positions", "masked_lm_ids"):
                 assert f[key].shape == (n, MAX_PRED)
+            # Whole-row chunks of the same rows everywhere: the loader reads a block with one pass per chunk.
+            assert {f[key].chunks for key in NVIDIA_DTYPES} == {(min(n, chunk_rows(SEQ)), *f[key].shape[1:])
+                                                                  for key in NVIDIA_DTYPES}
 
 
 def test_sequences_are_cls_a_sep_b_sep_zero_padded(shards):
@@ -353,3 +360,172 @@ def test_resume_mid_epoch_gives_the_same_following_batches(shards):
 
     with pytest.raises(ValueError, match="local_batch_size \\* world_size"):
         ShardedBatchLoader(shards, 4, rank=0, world_size=2, seed=5).load_state_dict(state)
+
+
+# Streaming: shards of numbered samples (input_ids[:, 0] is the sample's global index), read in blocks
+
+
+def write_numbered_shard(path: Path, first_index: int, num_rows: int, rows_per_chunk: int | None = None,
+                         h5py_chunks: bool = False, seed: int = 0) -> None:
+    """Random samples, numbered from first_index in input_ids[:, 0], in the writer's whole-row chunks of
+    rows_per_chunk (None: the writer's default), or with h5py_chunks in h5py's own chunks: the layout of
+    shards written before whole-row chunks (and of NVIDIA's)."""
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        if h5py_chunks:
+            datasets = {key: f.create_dataset(key, shape=(num_rows, *shape), dtype=SHARD_DTYPES[key],
+                                              compression="gzip")
+                        for key, shape in row_shapes(SEQ, MAX_PRED).items()}
+        else:
+            datasets = create_shard_datasets(f, num_rows, SEQ, MAX_PRED, rows_per_chunk)
+        for start in range(0, num_rows, 16384):
+            count = min(16384, num_rows - start)
+            for key, dataset in datasets.items():
+                high = 30000 if key in ("input_ids", "masked_lm_ids") else SEQ if key == "masked_lm_positions" else 2
+                dataset[start : start + count] = rng.integers(0, high, (count, *dataset.shape[1:]))
+            datasets["input_ids"][start : start + count, 0] = np.arange(first_index + start,
+                                                                         first_index + start + count)
+
+
+def sample_numbers(batch: tuple[torch.Tensor, ...]) -> np.ndarray:
+    return batch[0][:, 0].numpy()
+
+
+@pytest.fixture(scope="module")
+def numbered_shards(tmp_path_factory) -> Path:
+    """3300 samples in three shards, one with h5py's own chunks; blocks of 100 rows in the other two."""
+    folder = tmp_path_factory.mktemp("numbered")
+    first = 0
+    for shard, rows in enumerate([1000, 1537, 763]):
+        write_numbered_shard(folder / f"training_shard_{shard:04d}.hdf5", first, rows, rows_per_chunk=100,
+                             h5py_chunks=shard == 1, seed=shard)
+        first += rows
+    return folder
+
+
+STREAM = {"seed": 11, "window_rows": 400}  # windows of two blocks (the largest has 193 rows): batches straddle them
+
+
+def test_every_sample_comes_once_per_epoch_in_the_rows_the_dataset_holds(numbered_shards):
+    loader = ShardedBatchLoader(numbered_shards, 50, **STREAM)
+    assert loader.steps_per_epoch * 50 == len(loader.dataset) == 3300
+    assert loader.window_blocks == 2 and loader.dataset.num_blocks == 26  # 10 + 8 (h5py's chunks: 193 rows) + 8
+    epochs = []
+    for _ in range(2):
+        batches = [next(loader) for _ in range(loader.steps_per_epoch)]
+        numbers = np.concatenate([sample_numbers(b) for b in batches])
+        np.testing.assert_array_equal(np.sort(numbers), np.arange(3300))
+        epochs.append(numbers)
+        # Each row is the sample the dataset reads at that index, every field of it.
+        for batch in batches[::7]:
+            expected = loader.dataset.batch(sample_numbers(batch))
+            assert all(torch.equal(a, b) for a, b in zip(batch, expected, strict=True))
+    assert not np.array_equal(epochs[0], epochs[1])
+    # Shuffled beyond blocks: every batch draws on more than one block, not on a run of neighbouring rows.
+    for batch in batches:
+        blocks = np.searchsorted(loader.dataset.block_starts, sample_numbers(batch), side="right") - 1
+        assert len(np.unique(blocks)) > 1
+
+
+def test_streamed_global_batches_are_the_same_on_one_and_two_ranks(numbered_shards):
+    single = ShardedBatchLoader(numbered_shards, 60, **STREAM)
+    pair = [ShardedBatchLoader(numbered_shards, 30, rank=r, world_size=2, **STREAM) for r in range(2)]
+    for _ in range(single.steps_per_epoch + 10):  # into the second epoch
+        expected = next(single)
+        parts = [next(loader) for loader in pair]
+        for field, whole in enumerate(expected):
+            assert torch.equal(torch.cat([part[field] for part in parts]), whole)
+
+
+def test_resume_mid_shard_gives_the_identical_following_batches(numbered_shards):
+    loader = ShardedBatchLoader(numbered_shards, 20, rank=0, world_size=2, **STREAM)
+    for _ in range(37):  # mid-window, mid-epoch (82 steps)
+        next(loader)
+    state = loader.state_dict()
+    following = [next(loader) for _ in range(60)]  # crosses into the next epoch
+
+    resumed = ShardedBatchLoader(numbered_shards, 20, rank=0, world_size=2, **STREAM)
+    next(resumed)  # holds a window of its own before the state arrives
+    resumed.load_state_dict(state)
+    for expected in following:
+        assert all(torch.equal(a, b) for a, b in zip(next(resumed), expected, strict=True))
+    single = ShardedBatchLoader(numbered_shards, 40, **STREAM)
+    single.load_state_dict(state)
+    np.testing.assert_array_equal(sample_numbers(next(single))[:20], sample_numbers(following[0]))
+
+
+def test_resume_refuses_other_shuffle_blocks_and_warns_on_a_pre_streaming_state(numbered_shards):
+    state = ShardedBatchLoader(numbered_shards, 50, **STREAM).state_dict()
+    with pytest.raises(ValueError, match="window_rows"):
+        ShardedBatchLoader(numbered_shards, 50, seed=11, window_rows=1000).load_state_dict(state)
+    legacy = {key: state[key] for key in ("epoch", "step_in_epoch", "seed", "num_samples", "global_batch_size")}
+    with pytest.warns(UserWarning, match="predates"):
+        ShardedBatchLoader(numbered_shards, 50, **STREAM).load_state_dict(legacy)
+
+
+def _read_rows_in_child(dataset: PretrainingDataset, indices: np.ndarray, results) -> None:
+    results.put(sample_numbers(dataset.batch(indices)))
+
+
+def test_dataset_reads_after_a_fork_with_its_own_handles(numbered_shards):
+    dataset = PretrainingDataset(shard_files(numbered_shards))
+    indices = np.array([5, 1200, 3299])
+    np.testing.assert_array_equal(sample_numbers(dataset.batch(indices)), indices)  # handles open in the parent
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_read_rows_in_child, args=(dataset, indices[::-1], results))
+    child.start()
+    np.testing.assert_array_equal(results.get(timeout=60), indices[::-1])
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(sample_numbers(dataset.batch(indices)), indices)  # the parent's still work
+    dataset.close()
+
+
+def resident_mib(field: str) -> float:
+    """This process's VmRSS (now) or VmHWM (peak since the last reset) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_resident() -> bool:
+    """VmHWM := VmRSS (Linux); False where the kernel or sandbox does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def test_loader_memory_stays_flat_over_a_shard_many_windows_large(tmp_path):
+    """Reading a whole ~50 MB (decompressed) shard: numpy's arrays peak at one window plus a few batches, the
+    process's resident memory grows by about twice that (HDF5 and allocator slack), not by the shard."""
+    write_numbered_shard(tmp_path / "training_big.hdf5", 0, 110_000)
+    local_batch = 128
+    loader = ShardedBatchLoader(tmp_path, local_batch, window_rows=4096)
+    # HDF5's and zlib's code and buffers come in once, before measuring, through a dataset of its own.
+    PretrainingDataset(shard_files(tmp_path)).batch(np.array([0]))
+    row_bytes = sum(array.nbytes for array in loader.dataset.empty_rows(1).values())
+    shard_bytes = len(loader.dataset) * row_bytes
+    window_bytes = loader.window_blocks * loader.dataset.block_rows * row_bytes
+    batch_bytes = local_batch * 8 * (3 * SEQ + 2 * MAX_PRED + 1)  # the int64 tensors handed out
+    bound_bytes = window_bytes + 8 * batch_bytes
+    assert 2 * bound_bytes < shard_bytes / 6
+
+    gc.collect()
+    rss_before_mib = resident_mib("VmRSS")
+    measures_rss = reset_peak_resident()
+    tracemalloc.start()
+    try:
+        for _ in range(loader.steps_per_epoch):
+            next(loader)
+        _, traced_peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert loader.epoch == 1  # every sample read
+    assert traced_peak_bytes < bound_bytes, (traced_peak_bytes, window_bytes, batch_bytes)
+    if measures_rss:
+        rss_growth_mib = resident_mib("VmHWM") - rss_before_mib
+        assert rss_growth_mib < 2 * bound_bytes / 2**20, (rss_growth_mib, shard_bytes / 2**20)

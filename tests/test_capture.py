@@ -3,6 +3,8 @@ symbolic, and a model that cannot be captured gets an error naming the operation
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -66,3 +68,25 @@ class _WritesItsInput(torch.nn.Module):
 def test_in_place_write_to_an_argument_is_refused_by_name():
     with pytest.raises(CaptureError, match=r"writes in place to its argument #1.*Clone the input"):
         capture(_WritesItsInput(), (torch.randn(3, 4), torch.randn(3, 4)))
+
+
+FINGERPRINT_OF_A_DROPOUT_MODEL = """
+import torch, torch.nn as nn
+from rannc.graph.capture import capture
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 1))
+print(capture(model, (torch.randn(2, 4),)).fingerprint)
+"""
+
+
+def test_fingerprint_is_the_same_in_every_process():
+    """The fingerprint keys the profile cache and checks a loaded deployment, so a new process must compute the
+    same one; the routed dropout's Python function once put its memory address into it."""
+    import subprocess
+    import sys
+
+    namespace: dict = {}
+    exec(FINGERPRINT_OF_A_DROPOUT_MODEL.replace("print(", "result = ("), namespace)
+    fresh = subprocess.run([sys.executable, "-c", FINGERPRINT_OF_A_DROPOUT_MODEL], capture_output=True, text=True,
+                           check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert fresh == namespace["result"]

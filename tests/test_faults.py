@@ -1,10 +1,12 @@
-"""A failure on one rank is named on every rank within seconds: a rank raising inside rannc (forward, backward)
-while staying alive, a rank that exits without a word, a rank that stops calling; on pipeline and
-data-parallel plans, at 2 and 3 ranks."""
+"""A failure on one rank is named on every rank: within seconds for a rank raising inside rannc (forward,
+backward, the optimizer step) while staying alive, a rank that exits without a word or is killed inside a call;
+within the timeout for a rank that stops calling or hangs inside a call; on pipeline and data-parallel plans,
+at 2 and 3 ranks."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -14,6 +16,7 @@ import models
 from distributed import run_ranks
 
 BATCH = 12
+OWN_ALIVE_S = 8.0   # a failing rank that catches its error lives this long; the others must have ended
 
 
 def _train(rank, world, stages, fault, faulty, steps=4):
@@ -23,9 +26,17 @@ def _train(rank, world, stages, fault, faulty, steps=4):
     from rannc.faults import RankFailure
     from rannc.runtime import pipeline
 
+    class FlakySGD(torch.optim.SGD):
+        fail = False
+
+        def step(self, closure=None):
+            if self.fail:
+                raise ValueError("injected optimizer step failure")
+            return super().step(closure)
+
     torch.manual_seed(0)
     model = models.make("mlp")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = FlakySGD(model.parameters(), lr=0.01)
     wrapped = rannc.RaNNCModule(model, optimizer, partition_num=stages, profile_repeats=1)
     for step in range(steps):
         if step == 2 and rank == faulty:
@@ -37,10 +48,23 @@ def _train(rank, world, stages, fault, faulty, steps=4):
                 def broken_backward(self, *args, **kwargs):
                     raise ValueError("injected backward failure")
                 pipeline.StageRuntime._backward_one = broken_backward
+            elif fault == "optimizer step":
+                optimizer.fail = True
+            elif fault == "hang":
+                real_forward = pipeline.StageRuntime._forward_one
+
+                def hung_forward(self, *args, real_forward=real_forward, **kwargs):
+                    time.sleep(12)   # inside the call: the others time out waiting for this rank's activations
+                    return real_forward(self, *args, **kwargs)
+                pipeline.StageRuntime._forward_one = hung_forward
+            elif fault == "kill":
+                def killed_forward(self, *args, **kwargs):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                pipeline.StageRuntime._forward_one = killed_forward
             elif fault == "exit":
                 os._exit(3)
             elif fault == "stop":
-                time.sleep(14)   # alive, not calling: the others must name this rank within their timeout
+                time.sleep(12)   # alive, not calling: the others must name this rank within their timeout
                 return "stopped", 0.0
         started = time.monotonic()
         try:
@@ -52,13 +76,14 @@ def _train(rank, world, stages, fault, faulty, steps=4):
         except RankFailure as exc:
             return f"RankFailure: {exc}", time.monotonic() - started
         except ValueError as exc:
-            time.sleep(12)   # stay alive past the others' deadline: they must not wait for this process to end
+            time.sleep(OWN_ALIVE_S)   # stay alive: the others must not wait for this process to end
             return f"own: {exc}", time.monotonic() - started
     return "finished", 0.0
 
 
 # (3 ranks, 2 stages): stages of one replica on ranks 0 and 1, rank 2 idle but in every collective
-@pytest.mark.parametrize("world,stages,fault,faulty", [(3, 1, "backward", 2), (3, 2, "forward", 1)])
+@pytest.mark.parametrize("world,stages,fault,faulty", [(3, 1, "backward", 2), (3, 2, "forward", 1),
+                                                       (2, 2, "optimizer step", 0)])
 def test_a_rank_raising_inside_rannc_is_named_on_every_rank_within_seconds(world, stages, fault, faulty):
     results = run_ranks(_train, world, stages, fault, faulty, timeout=300, env={"RANNC_COMM_TIMEOUT_S": "120"})
     assert results[faulty][0].startswith(f"own: injected {fault} failure")
@@ -68,7 +93,7 @@ def test_a_rank_raising_inside_rannc_is_named_on_every_rank_within_seconds(world
         assert message.startswith(f"RankFailure: rank {faulty} failed in {fault}: ValueError: injected {fault} "
                                   f"failure"), (rank, message)
         assert "second line" not in message
-        assert seconds < 10, (rank, seconds, message)
+        assert seconds < OWN_ALIVE_S, (rank, seconds, message)
 
 
 @pytest.mark.parametrize("world,stages", [(3, 2)])
@@ -85,3 +110,20 @@ def test_a_rank_that_stops_calling_is_named_within_the_timeout():
     message, seconds = results[0]
     assert message.startswith("RankFailure: rank 1 stopped calling the model"), message
     assert 4 < seconds < 15, (seconds, message)
+
+
+def test_a_rank_killed_inside_a_call_is_named_within_seconds():
+    results = run_ranks(_train, 3, 1, "kill", 1, timeout=300, env={"RANNC_COMM_TIMEOUT_S": "120"}, allow_exit={1})
+    for rank in (0, 2):
+        message, seconds = results[rank]
+        assert message.startswith("RankFailure: rank 1 never came out of call 3"), (rank, message)
+        assert seconds < 10, (rank, seconds, message)
+
+
+def test_a_rank_hanging_inside_a_call_is_named_within_the_timeout():
+    results = run_ranks(_train, 2, 2, "hang", 0, timeout=300, env={"RANNC_COMM_TIMEOUT_S": "5"})
+    message, seconds = results[1]
+    assert message.startswith("RankFailure: rank 0 never came out of call 3"), message
+    assert "hangs inside the call" in message
+    assert 4 < seconds < 15, (seconds, message)
+    assert results[0][0].startswith("RankFailure: rank 0 never came out of call 3"), results[0]

@@ -99,3 +99,45 @@ def _keep_graph(rank, world):
 def test_keep_graph_allows_a_second_backward():
     for norm, ref_norm, _ in run_ranks(_keep_graph, 2, timeout=180):
         assert abs(norm - ref_norm) < 1e-5 * ref_norm
+
+
+def _cross_stage_reductions(rank, world):
+    """Train the tied-embedding model on 2 stages; record, for every gradient bucket launched, its ranks and
+    whether it was launched while the rank's backward still ran (False) or after it, in finish (True)."""
+    import torch.distributed as dist
+
+    import rannc
+    from rannc.runtime import grads
+
+    import rannc_models
+
+    launches, finishing = [], [False]
+    real_launch, real_finish = grads.OverlappedAllReduce._launch, grads.OverlappedAllReduce.finish
+
+    def launch(self, index):
+        launches.append((tuple(dist.get_process_group_ranks(self.buckets[index][0])), finishing[0]))
+        return real_launch(self, index)
+
+    def finish(self):
+        finishing[0] = True
+        try:
+            return real_finish(self)
+        finally:
+            finishing[0] = False
+
+    grads.OverlappedAllReduce._launch, grads.OverlappedAllReduce.finish = launch, finish
+    model = rannc_models.make("shared_emb", "loss")
+    wrapped = rannc.RaNNCModule(model, partition_num=2, min_pipeline=2, max_pipeline=2, profile_repeats=1)
+    for step in range(2):
+        x, y = rannc_models.global_batch("shared_emb", step)
+        half = x.shape[0] // world
+        wrapped(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]).backward()
+    return launches
+
+
+def test_a_tensor_shared_across_stages_is_reduced_after_the_backward():
+    """The tied embedding is held by both stages, which reach its gradient at different points of the
+    pipeline; its all-reduce must not sit between the pipeline's sends and receives (under NCCL that order
+    differs between the two ranks and deadlocks, as seen on 2 H200), so it runs after each rank's backward."""
+    for launches in run_ranks(_cross_stage_reductions, 2, timeout=180):
+        assert launches and all(ranks == (0, 1) and after for ranks, after in launches), launches

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks
@@ -156,3 +157,20 @@ def test_too_few_rows_for_min_pipeline_is_a_clear_error():
         plan(_profile(param_bytes=10**7), _bounds(16), 2, 2, RannConfig(min_pipeline=4), "f")
     with pytest.raises(PlanningError, match="global batch of 2 rows"):
         profile_sizes(RannConfig(min_pipeline=4), 2, 16, 2)
+
+
+def test_optimizer_step_is_timed_on_a_copy_of_the_wrapped_optimizer():
+    """The planner times a copy of the user's optimizer over stand-in tensors. rannc patches the user's optimizer
+    (its step reports failures to the other ranks) and an LR scheduler wraps its step: the copy must run its own
+    class's step, measure Adam's two moments per parameter byte, and leave the user's optimizer untouched."""
+    from rannc.profile.update import measure_update
+    from rannc.runtime.optimizer import OptimizerPatch
+
+    model = torch.nn.Linear(64, 64)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    OptimizerPatch(optimizer)
+    torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    update = measure_update(optimizer, torch.float32, torch.device("cpu"), large_bytes=2**20, repeats=1)
+    assert update.state_bytes_per_byte == pytest.approx(2.0, rel=0.01)
+    assert not optimizer.state and torch.equal(model.weight, before)

@@ -40,6 +40,7 @@ class CapturedGraph:
     outputs: OutputSignature             # the graph's outputs -> the user's result
     fingerprint: str                     # identifies graph + parameter shapes + input shapes
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> first state_dict name
+    batch_range: tuple[int, int | None] = (1, None)  # rows the graph holds for (a branch on the batch size)
 
     def output_nodes(self) -> list[Any]:
         return list(next(n for n in self.gm.graph.nodes if n.op == "output").args[0])
@@ -203,7 +204,27 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         outputs=outputs,
         fingerprint=_fingerprint(gm, model, tensors, call),
         tensor_names=tensor_names,
+        batch_range=_batch_range(exported, placeholders, batched),
     )
+
+
+def _batch_range(exported, placeholders: list[fx.Node], batched: list[bool]) -> tuple[int, int | None]:
+    """The batch sizes the graph is valid for. Python code that branches on the batch size (`if x.shape[0] > 6`)
+    is traced down one branch, and export narrows the batch symbol's range to the sizes that take it; the graph
+    must run only micro-batches within it (its runtime guard is dropped with the others, see _clean). Export's
+    lower bound of 2 is its default (sizes 0 and 1 are not traced symbolically) and is read as 1: a branch on
+    `batch > 1` itself cannot be told apart."""
+    for node, is_batched in zip(placeholders, batched):
+        value = node.meta.get("val")
+        if not (is_batched and isinstance(value, torch.Tensor) and isinstance(value.shape[0], torch.SymInt)):
+            continue
+        bounds = exported.range_constraints.get(value.shape[0].node.expr)
+        if bounds is None:
+            continue
+        low = int(bounds.lower)
+        high = int(bounds.upper) if bounds.upper.is_Integer else None  # else int_oo: no upper bound
+        return (1 if low <= 2 else low, high)
+    return (1, None)
 
 
 def _clean(gm: fx.GraphModule) -> None:
@@ -257,12 +278,21 @@ def _fingerprint(gm: fx.GraphModule, model: nn.Module, args: tuple[torch.Tensor,
     digest.update(type(model).__qualname__.encode())
     digest.update(repr((call.paths, sorted(call.constants.items(), key=lambda kv: kv[0]))).encode())
     for node in gm.graph.nodes:
-        digest.update(f"{node.op}|{node.target}|{len(node.args)}".encode())
+        digest.update(f"{node.op}|{_stable_name(node.target)}|{len(node.args)}".encode())
     for name, p in model.named_parameters():
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
     for a in args:
         digest.update(f"{tuple(a.shape[1:])}:{a.dtype}".encode())
     return digest.hexdigest()[:16]
+
+
+def _stable_name(target) -> str:
+    """A node target's name that is the same in every process: a Python function's str() holds its address, so
+    the fingerprint (the key of profile caches and saved deployments) would change from run to run."""
+    text = str(target)
+    if " at 0x" not in text:  # ops ("aten.mm.default"), builtins, attribute names
+        return text
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
 
 
 def is_tensor_value(node: fx.Node) -> bool:

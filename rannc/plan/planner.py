@@ -76,14 +76,29 @@ def stage_counts(config: RannConfig, world_size: int, block_count: int) -> list[
     return list(range(1, min(world_size, block_count) + 1))
 
 
-def space(config: RannConfig, world_size: int, block_count: int, batch_size: int) -> dict[tuple[int, int], list[int]]:
-    """(replicas, micro-batches) -> the stage counts searched with them."""
+BatchRange = tuple[int, "int | None"]   # the micro-batch rows a captured graph holds for (upper None: no bound)
+
+
+def space(config: RannConfig, world_size: int, block_count: int, batch_size: int,
+          batch_range: BatchRange = (1, None)) -> dict[tuple[int, int], list[int]]:
+    """(replicas, micro-batches) -> the stage counts searched with them; only those whose micro-batches all
+    have a row count within `batch_range` (a model that branches on its batch size was captured for those)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for s in stage_counts(config, world_size, block_count):
         r = world_size // s
         for m in microbatch_candidates(config, batch_size, r):
-            groups.setdefault((r, m), []).append(s)
+            if rows_within(batch_size, r, m, batch_range):
+                groups.setdefault((r, m), []).append(s)
     return groups
+
+
+def rows_within(batch_size: int, replicas: int, microbatches: int, batch_range: BatchRange) -> bool:
+    """Whether every micro-batch of every replica (near-equal slices: floor or ceil of the share) has a row
+    count within batch_range."""
+    low, high = batch_range
+    parts = replicas * microbatches
+    smallest, largest = batch_size // parts, math.ceil(batch_size / parts)
+    return smallest >= low and (high is None or largest <= high)
 
 
 def microbatch_size(batch_size: int, replicas: int, microbatches: int) -> int:
@@ -91,17 +106,26 @@ def microbatch_size(batch_size: int, replicas: int, microbatches: int) -> int:
     return max(1, math.ceil(batch_size / (microbatches * replicas)))
 
 
-def profile_sizes(config: RannConfig, world_size: int, block_count: int, batch_size: int) -> list[int]:
+def profile_sizes(config: RannConfig, world_size: int, block_count: int, batch_size: int,
+                  batch_range: BatchRange = (1, None)) -> list[int]:
     """The micro-batch sizes to profile: the smallest and the largest the search can ask about (the two
     smallest under profile_by_acc, which never runs the large ones and extends the fitted line)."""
-    groups = space(config, world_size, block_count, batch_size)
+    groups = space(config, world_size, block_count, batch_size, batch_range)
     if not groups:
-        raise PlanningError(_empty_space(config, world_size, block_count, batch_size))
+        raise PlanningError(_empty_space(config, world_size, block_count, batch_size, batch_range))
     sizes = sorted({microbatch_size(batch_size, r, m) for (r, m) in groups})
     return sizes[:2] if config.profile_by_acc else sorted({sizes[0], sizes[-1]})
 
 
-def _empty_space(config: RannConfig, world_size: int, block_count: int, batch_size: int) -> str:
+def _empty_space(config: RannConfig, world_size: int, block_count: int, batch_size: int,
+                 batch_range: BatchRange = (1, None)) -> str:
+    if space(config, world_size, block_count, batch_size):   # only the batch range left nothing
+        low, high = batch_range
+        return (f"the model branches on its batch size: its captured graph holds for {low} to "
+                f"{'any number of' if high is None else high} rows, and no plan's micro-batches of a global "
+                f"batch of {batch_size} rows on {world_size} processes fall in that range (min_pipeline="
+                f"{config.min_pipeline}, max_pipeline={config.max_pipeline}); change the batch size or the "
+                f"micro-batch bounds, or make forward independent of the batch size")
     return (f"no plan gives every micro-batch of every replica a row: a global batch of {batch_size} rows, "
             f"{world_size} processes, at most {min(world_size, block_count)} stages, min_pipeline="
             f"{config.min_pipeline} micro-batches; use a larger batch or a smaller min_pipeline")
@@ -115,10 +139,10 @@ def memory_cap(profile: ProfileSet, config: RannConfig) -> int:
 # ---- the search --------------------------------------------------------------------------------------------
 
 def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfig,
-           cap: int) -> tuple[list[Candidate], float]:
+           cap: int, batch_range: BatchRange = (1, None)) -> tuple[list[Candidate], float]:
     """The best candidate of every (stage count, replicas, micro-batches) that may still win, and the smallest
     memory a stage needed where nothing fitted."""
-    groups = space(config, world_size, costs.n, batch_size)
+    groups = space(config, world_size, costs.n, batch_size, batch_range)
     # cheap bounds first, so that the best plan is found early and most groups are cut off
     bounds = {key: _group_bound(costs, key, counts, batch_size) for key, counts in groups.items()}
     order = sorted(groups, key=bounds.get)
@@ -247,14 +271,14 @@ def choose(candidates: list[Candidate]) -> Candidate:
 # ---- the plan ----------------------------------------------------------------------------------------------
 
 def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, config: RannConfig,
-         fingerprint: str) -> Deployment:
+         fingerprint: str, batch_range: BatchRange = (1, None)) -> Deployment:
     started = time.perf_counter()
     cap = memory_cap(profile, config)
     costs = CostModel(profile, config.opt_param_factor, config.recompute, config.schedule,
                       count_clipping=config.plan_grad_clipping, accumulate_grads=config.accumulate_grads)
-    if not space(config, world_size, costs.n, batch_size):
-        raise PlanningError(_empty_space(config, world_size, costs.n, batch_size))
-    found, smallest_need = search(costs, world_size, batch_size, config, cap)
+    if not space(config, world_size, costs.n, batch_size, batch_range):
+        raise PlanningError(_empty_space(config, world_size, costs.n, batch_size, batch_range))
+    found, smallest_need = search(costs, world_size, batch_size, config, cap, batch_range)
     if not found:
         raise PlanningError(
             f"no partition of the model fits {cap / 2**30:.2f} GiB per device (device memory minus "

@@ -63,6 +63,7 @@ def _autocast(device: torch.device, dtype):
 
 
 WINDOW_MEMORY_SHARE = 0.3   # a calibration window's parameters and gradients use at most this share of memory
+WINDOW_REPEATS = 5          # timed runs of a calibration window (see _window_repeats)
 
 
 def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
@@ -107,7 +108,7 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
         for first, end in windows:
             whole = build_stage(captured, lin, blocks.bounds[first], blocks.bounds[end])
             fwd_ms, bwd_ms, act, outs, (fresh, warm) = _profile_one(whole, at_start.pop(first), batch, device,
-                                                                    repeats, autocast_dtype)
+                                                                    _window_repeats(repeats), autocast_dtype)
             sent = sum(_bytes(o) for o in outs if isinstance(o, torch.Tensor)) if not whole.is_last else 0
             grads = sum(_bytes(t) for t in whole.parameters() if t.requires_grad)
             # what the cost model does not count: beyond the activations with gradients already there, and
@@ -124,6 +125,12 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
                                      activation_bytes=Linear.fit(m["act"]), out_bytes=Linear.fit(m["out"]),
                                      tensors=names, label=_label(stage)))
     return profiles, calibrate(runs)
+
+
+def _window_repeats(repeats: int) -> int:
+    """Runs of many blocks are few and set every stage's time: timed at least WINDOW_REPEATS times, unless
+    profile_repeats=1 asks for the quickest profile (the test suite's)."""
+    return repeats if repeats == 1 else max(repeats, WINDOW_REPEATS)
 
 
 def _windows(stages, device: torch.device) -> list[tuple[int, int]]:

@@ -62,7 +62,9 @@ def _copy_of(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter])
     """The user's optimizer over `params`: its class and attributes (settings kept outside the groups, such as
     a built-in clipping norm), its first group's settings, no state."""
     clone = copy.copy(optimizer)
-    clone.__dict__ = dict(optimizer.__dict__)
+    # methods set on the instance (rannc's own patches, an LR scheduler's step counter) are bound to the user's
+    # optimizer: calling them would step it and leave the copy without state
+    clone.__dict__ = {k: v for k, v in optimizer.__dict__.items() if not callable(v) or k.startswith("_")}
     clone.state = collections.defaultdict(dict)
     clone.param_groups = []
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} if optimizer.param_groups else {}

@@ -52,7 +52,8 @@ class Engine:
         self.interleaved = interleaved      # 1F1B: backwards run inside the call (one scalar output only)
         self.reducer = None
         if runtime is not None and world > 1:
-            self.reducer = grad_ops.OverlappedAllReduce(placement, runtime.stage.parameters())
+            stage_ranks = deployment.stages[deployment.stage_of_rank(rank)].ranks
+            self.reducer = grad_ops.OverlappedAllReduce(placement, runtime.stage.parameters(), stage_ranks)
         self.synced_buffers = self._replicated_buffers(stage)
         self.unreduced = False              # local gradients hold parts not yet summed over holders
         self._anchor = torch.zeros((), requires_grad=True)

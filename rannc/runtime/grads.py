@@ -97,21 +97,33 @@ class OverlappedAllReduce:
     asynchronously as soon as the last micro-batch's backward has produced all of its gradients.
 
     Buckets are launched strictly in index order, so every rank of a group issues its collectives in
-    the same order whatever order autograd finishes them in."""
+    the same order whatever order autograd finishes them in. Only buckets held by this stage's replicas
+    overlap the backward; a tensor shared with other stages (a tied embedding) is reduced after this rank's
+    whole backward, in `finish`: its holders reach it at different points of the pipeline (the last stage
+    early in its backward, the first stage at the end of its own), and a collective issued between the
+    pipeline's sends and receives in different orders on two ranks deadlocks NCCL's communicators."""
 
-    def __init__(self, placement: Placement, params_in_use_order: list[torch.nn.Parameter]):
+    def __init__(self, placement: Placement, params_in_use_order: list[torch.nn.Parameter],
+                 stage_ranks: list[int] | None = None):
         self.buckets: list[tuple[object, list[torch.nn.Parameter]]] = []
+        self.overlapped = 0   # buckets [0, overlapped) may launch during backward
         by_group: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
         for p in reversed(params_in_use_order):
             ranks = placement.holders_of(p)
             if p.requires_grad and len(ranks) > 1:
                 by_group.setdefault(ranks, []).append(p)
-        for ranks, params in sorted(by_group.items()):
+        def deferred(ranks: tuple[int, ...]) -> bool:
+            return stage_ranks is not None and not set(ranks) <= set(stage_ranks)
+
+        # overlapped buckets first: a deferred one launches only in finish(), and would hold back those after it
+        for ranks, params in sorted(by_group.items(), key=lambda item: (deferred(item[0]), item[0])):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)  # buckets are sized by dtype; real grads replace these
             for bucket in _buckets(params):
                 self.buckets.append((placement.groups[ranks], bucket))
+                if not deferred(ranks):
+                    self.overlapped = len(self.buckets)
         self.bucket_of = {id(p): k for k, (_, bucket) in enumerate(self.buckets) for p in bucket}
         self.active = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
@@ -132,7 +144,7 @@ class OverlappedAllReduce:
         count = self.counts[id(p)] = self.counts.get(id(p), 0) + 1
         if count == self.expected:
             self.missing[self.bucket_of[id(p)]] -= 1
-            while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0:
+            while self.next_bucket < self.overlapped and self.missing[self.next_bucket] == 0:
                 self._launch(self.next_bucket)
                 self.next_bucket += 1
 

@@ -13,13 +13,25 @@ and could not be loaded by a run with another partition or world size (see `stat
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from typing import Any
 
 import torch
 
 from rannc import dist as rdist
+from rannc import faults
 from rannc.runtime.placement import Placement
+
+
+def _reported_step(step):
+    """The optimizer's step (as it stands: maybe an LR scheduler's wrapper) with its failures reported to the
+    other ranks. A method again, so that an LR scheduler made later can wrap it as it wraps any step."""
+    @faults.guarded("optimizer step")
+    @functools.wraps(step)
+    def reported_step(optimizer, *args, **kwargs):
+        return step(*args, **kwargs)
+    return reported_step
 
 
 class OptimizerPatch:
@@ -34,6 +46,7 @@ class OptimizerPatch:
             lambda opt, from_global=False, **kwargs: self.state_dict(from_global, **kwargs), optimizer)
         optimizer.load_state_dict = types.MethodType(
             lambda opt, state_dict, from_global=False: self.load_state_dict(state_dict, from_global), optimizer)
+        optimizer.step = types.MethodType(_reported_step(optimizer.step), optimizer)
 
     def deploy(self, placement: Placement) -> None:
         """Keep only local parameters in the param groups; apply a state dict loaded before deployment."""
