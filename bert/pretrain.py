@@ -224,16 +224,19 @@ def resumed_deployment(checkpoint: dict, args: argparse.Namespace, rank: int, wo
     """The checkpoint's plan as a file for RaNNCModule(load_deployment=), when it fits this run (same number of
     processes and global batch per call); else None, and a fresh plan. Planning anew would split the model by
     this run's profiling noise, and another split draws dropout masks on other ranks and sums in another order:
-    the resumed losses would drift from the uninterrupted run's. Rank 0 (the one that reads it) writes it."""
+    the resumed losses would drift from the uninterrupted run's. A --partition_num other than the plan's stage
+    count plans anew too. Rank 0 (the one that reads it) writes it."""
     text = checkpoint.get("deployment")
     if not text:
         return None
     deployment = rannc.Deployment.from_json(text)
-    if (deployment.world_size, deployment.batch_size) != (world_size, call_batch_size):
+    stages = args.partition_num or len(deployment.stages)
+    if (deployment.world_size, deployment.batch_size, len(deployment.stages)) != (world_size, call_batch_size, stages):
         if rank == 0:
-            print(f"note: the checkpoint's plan was made for {deployment.world_size} process(es) and batch "
-                  f"{deployment.batch_size} per call, this run has {world_size} and {call_batch_size}: planning "
-                  f"anew", flush=True)
+            print(f"note: the checkpoint's plan was made for {deployment.world_size} process(es), batch "
+                  f"{deployment.batch_size} per call and {len(deployment.stages)} stage(s); this run has "
+                  f"{world_size}, {call_batch_size} and --partition_num {args.partition_num}: planning anew",
+                  flush=True)
         return None
     path = Path(args.output_dir) / "resumed_deployment.json"
     if rank == 0:

@@ -88,7 +88,8 @@ def _watch() -> None:
     while store is not None and dist.is_initialized():
         try:
             if store.check([FAILURE_KEY]) and store.get(FAILURE_KEY):
-                # not while this rank tears its group down itself (two teardowns at once corrupted the heap)
+                # not while this rank tears its group down itself (two at once are a race; a failing rank under
+                # NCCL once died of heap corruption after its report, before this lock: not re-run on GPUs yet)
                 with _TEARDOWN:
                     if not _state["closing"]:
                         _state["closing"] = True
@@ -160,18 +161,10 @@ def _read_failure(wait_s: float) -> str | None:
         time.sleep(0.1)
 
 
-def _laggards(world: int) -> str:
-    """Which ranks entered fewer calls than the others, or hang inside the call the others left, in words."""
-    store = _store()
-    calls, left = {}, {}
-    for rank in range(world):
-        try:
-            calls[rank] = int(store.get(CALLS_KEY.format(rank=rank)).decode()) if store.check(
-                [CALLS_KEY.format(rank=rank)]) else 0
-            if store.check([LEFT_KEY.format(rank=rank)]):
-                left[rank] = store.get(LEFT_KEY.format(rank=rank)).decode()
-        except Exception:  # noqa: BLE001
-            calls[rank] = -1
+def _diagnosis(world: int) -> str:
+    """Why the group failed when no rank reported an error, in words: ranks that entered fewer calls than the
+    others, else ranks that never left the call the others waited in."""
+    calls = _calls_entered(world)
     entered = ", ".join(f"rank {r}: {c}" for r, c in calls.items())
     top = max(calls.values())
     behind = [r for r, c in calls.items() if 0 <= c < top]
@@ -179,14 +172,55 @@ def _laggards(world: int) -> str:
         return (f"rank{'s' if len(behind) > 1 else ''} {_listed(behind)} stopped calling the model "
                 f"(calls entered: {entered}); it hangs, exited without an error report, or caught an error and "
                 f"went on alone")
-    hung = [r for r in range(world) if r not in left]
-    if hung and len(hung) < world:
-        waited = "; ".join(f"rank {r} in {where}" for r, where in left.items())
-        return (f"rank{'s' if len(hung) > 1 else ''} {_listed(hung)} never came out of call {top} while the "
-                f"others waited for {'them' if len(hung) > 1 else 'it'} ({waited}): it hangs inside the call (in "
-                f"the model's code or a kernel) or died in it")
-    return (f"no rank reported an error and all entered {top} calls: a rank was killed, or the ranks wait in "
-            f"different collectives (calls entered: {entered})")
+    return _never_left(world, top) or (f"no rank reported an error and all entered {top} calls: a rank was "
+                                       f"killed, or the ranks wait in different collectives (calls entered: "
+                                       f"{entered})")
+
+
+def _never_left(world: int, call: int) -> str | None:
+    """The ranks still inside call `call` while the others' waits have ended. A rank waiting on another waiting
+    rank (deep in a pipeline) leaves only when that one gives up, so the set is read until it stops shrinking."""
+    left, deadline = _ranks_left(world), time.monotonic() + WAIT_FOR_REPORT_S
+    while len(left) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _ranks_left(world)
+        if len(now) == len(left):
+            break
+        left = now
+    inside = [r for r in range(world) if r not in left]
+    if not inside or len(inside) == world:
+        return None
+    waited = "; ".join(f"rank {r} in {where}" for r, where in sorted(left.items()))
+    if len(inside) == 1:
+        return (f"rank {inside[0]} never came out of call {call} while the others waited for it ({waited}): it "
+                f"hangs inside the call (in the model's code or a kernel) or died in it")
+    return (f"ranks {_listed(inside)} had not come out of call {call} while the others' waits ended ({waited}): "
+            f"one of them hangs inside the call or died in it, the others may still be waiting for it")
+
+
+def _calls_entered(world: int) -> dict[int, int]:
+    store = _store()
+    calls = {}
+    for rank in range(world):
+        key = CALLS_KEY.format(rank=rank)
+        try:
+            calls[rank] = int(store.get(key).decode()) if store.check([key]) else 0
+        except Exception:  # noqa: BLE001 - unreadable: counted as unknown
+            calls[rank] = -1
+    return calls
+
+
+def _ranks_left(world: int) -> dict[int, str]:
+    """rank -> where its wait ended, for the ranks that marked themselves (see explain)."""
+    store, left = _store(), {}
+    for rank in range(world):
+        key = LEFT_KEY.format(rank=rank)
+        try:
+            if store.check([key]):
+                left[rank] = store.get(key).decode()
+        except Exception:  # noqa: BLE001 - unreadable: not known to have left
+            pass
+    return left
 
 
 def _listed(ranks: list[int]) -> str:
@@ -194,13 +228,16 @@ def _listed(ranks: list[int]) -> str:
 
 
 def explain(exc: BaseException, where: str) -> RankFailure:
-    """The error to raise on this rank after its communication failed in `where`."""
+    """The error to raise on this rank after its communication failed in `where`: the failure another rank
+    reported, else a diagnosis from the store. First this rank marks in the store that its wait ended (so that
+    it is not taken for the rank that hangs) and closes its group (so that peers still waiting for it fail now
+    and mark themselves too)."""
     world, rank = rdist.get_world_size(), rdist.get_rank()
     _mark_left(rank, where)
-    _close_group()  # first: peers still waiting for this rank fail now and mark themselves too
+    _close_group()
     reported = _read_failure(WAIT_FOR_REPORT_S)
     if reported is None:
-        reported = _publish(f"{_laggards(world)}; first seen by rank {rank} in {where}: {first_line(exc)}")
+        reported = _publish(f"{_diagnosis(world)}; first seen by rank {rank} in {where}: {first_line(exc)}")
     return RankFailure(f"{reported} [rank {rank} stopped in {where}]")
 
 

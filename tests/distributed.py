@@ -2,7 +2,9 @@
 
 Every multi-process test goes through `run_ranks`: it fails with the rank's traceback when any rank
 raises, and kills all ranks when one of them hangs past the timeout. Ranks are forked from a forkserver that
-has imported torch and rannc (not from the test process, whose threads must not be forked)."""
+has imported torch and rannc once (a fresh process per rank, with nothing of the test process's state); what a
+module reads from the environment at import time is the test process's environment when the server started,
+not `env` (no test depends on that today)."""
 
 from __future__ import annotations
 

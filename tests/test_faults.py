@@ -54,7 +54,7 @@ def _train(rank, world, stages, fault, faulty, steps=4):
                 real_forward = pipeline.StageRuntime._forward_one
 
                 def hung_forward(self, *args, real_forward=real_forward, **kwargs):
-                    time.sleep(12)   # inside the call: the others time out waiting for this rank's activations
+                    time.sleep(18)   # inside the call: the others time out waiting for this rank's activations
                     return real_forward(self, *args, **kwargs)
                 pipeline.StageRuntime._forward_one = hung_forward
             elif fault == "kill":

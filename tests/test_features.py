@@ -141,3 +141,34 @@ def test_a_tensor_shared_across_stages_is_reduced_after_the_backward():
     differs between the two ranks and deadlocks, as seen on 2 H200), so it runs after each rank's backward."""
     for launches in run_ranks(_cross_stage_reductions, 2, timeout=180):
         assert launches and all(ranks == (0, 1) and after for ranks, after in launches), launches
+
+
+def test_replica_buckets_overlap_the_backward_and_shared_ones_wait_for_its_end(monkeypatch):
+    """Stage 0 on ranks 0 and 1 of 2 stages x 2 replicas: its own parameter's bucket is reduced as soon as its
+    gradient is ready, the ones shared with stage 1 (two tied weights) only in finish(), in the model's global
+    order whatever order this stage uses them in (the other stage's flat buffer must line up)."""
+    from types import SimpleNamespace
+
+    from rannc.runtime import grads
+
+    own, tied_a, tied_b = (nn.Parameter(torch.zeros(2)) for _ in range(3))
+    holders = {id(own): (0, 1), id(tied_a): (0, 1, 2, 3), id(tied_b): (0, 1, 2, 3)}
+    placement = SimpleNamespace(holders_of=lambda p: holders[id(p)],
+                                groups={(0, 1): "replicas", (0, 1, 2, 3): "all"},
+                                tensors={id(t): t for t in (own, tied_a, tied_b)})
+    issued = []
+
+    def all_reduce(flat, group=None, async_op=False):
+        issued.append((group, flat.numel()))
+        return SimpleNamespace(wait=lambda: None)
+
+    monkeypatch.setattr(grads.dist, "all_reduce", all_reduce)
+    reducer = grads.OverlappedAllReduce(placement, [tied_a, own, tied_b], stage_ranks=[0, 1])
+    assert [[id(p) for p in bucket] for _, bucket in reducer.buckets] == [[id(own)], [id(tied_a), id(tied_b)]]
+    reducer.begin(1)
+    for p in (tied_a, own, tied_b):
+        p.grad = torch.ones(2)
+        reducer._on_grad(p)
+    assert issued == [("replicas", 2)]
+    reducer.finish()
+    assert issued == [("replicas", 2), ("all", 4)]

@@ -14,6 +14,7 @@ import collections
 import copy
 import logging
 import time
+import types
 
 import torch
 
@@ -58,13 +59,19 @@ def _fit(few: float, small: float, large: float, element: int, large_numel: int)
     return fixed, per_tensor, per_byte
 
 
+def _bound_to(optimizer: torch.optim.Optimizer, value) -> bool:
+    """Whether an instance attribute is a method of this very optimizer (rannc's own patches of step and the
+    state dicts, an LR scheduler's step counter): on the copy it would step the user's optimizer and leave the
+    copy without state. Other callables (a fused kernel kept as an attribute) belong to the copy too."""
+    return ((isinstance(value, types.MethodType) and value.__self__ is optimizer)
+            or bool(getattr(value, "_wrapped_by_lr_sched", False)))
+
+
 def _copy_of(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The user's optimizer over `params`: its class and attributes (settings kept outside the groups, such as
     a built-in clipping norm), its first group's settings, no state."""
     clone = copy.copy(optimizer)
-    # methods set on the instance (rannc's own patches, an LR scheduler's step counter) are bound to the user's
-    # optimizer: calling them would step it and leave the copy without state
-    clone.__dict__ = {k: v for k, v in optimizer.__dict__.items() if not callable(v) or k.startswith("_")}
+    clone.__dict__ = {k: v for k, v in optimizer.__dict__.items() if not _bound_to(optimizer, v)}
     clone.state = collections.defaultdict(dict)
     clone.param_groups = []
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} if optimizer.param_groups else {}

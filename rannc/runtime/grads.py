@@ -116,7 +116,10 @@ class OverlappedAllReduce:
             return stage_ranks is not None and not set(ranks) <= set(stage_ranks)
 
         # overlapped buckets first: a deferred one launches only in finish(), and would hold back those after it
+        global_order = {id(t): i for i, t in enumerate(placement.tensors.values())}
         for ranks, params in sorted(by_group.items(), key=lambda item: (deferred(item[0]), item[0])):
+            if deferred(ranks):  # each stage uses them in its own order; the flat buffers must line up
+                params = sorted(params, key=lambda p: global_order[id(p)])
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)  # buckets are sized by dtype; real grads replace these
