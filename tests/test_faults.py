@@ -16,7 +16,7 @@ import models
 from distributed import run_ranks
 
 BATCH = 12
-OWN_ALIVE_S = 8.0   # a failing rank that catches its error lives this long; the others must have ended
+OWN_ALIVE_S = 12.0  # a failing rank that catches its error lives this long; the others end within 10 s
 
 
 def _train(rank, world, stages, fault, faulty, steps=4):
@@ -93,7 +93,7 @@ def test_a_rank_raising_inside_rannc_is_named_on_every_rank_within_seconds(world
         assert message.startswith(f"RankFailure: rank {faulty} failed in {fault}: ValueError: injected {fault} "
                                   f"failure"), (rank, message)
         assert "second line" not in message
-        assert seconds < OWN_ALIVE_S, (rank, seconds, message)
+        assert seconds < 10, (rank, seconds, message)
 
 
 @pytest.mark.parametrize("world,stages", [(3, 2)])
