@@ -165,6 +165,9 @@ def _diagnosis(world: int) -> str:
     """Why the group failed when no rank reported an error, in words: ranks that entered fewer calls than the
     others, else ranks that never left the call the others waited in."""
     calls = _calls_entered(world)
+    if all(c < 0 for c in calls.values()):
+        return ("the rendezvous store cannot be read, so no failure report either: the process that holds it "
+                "(rank 0's, unless the launcher's agent holds it, as torchrun's does) has ended or is unreachable")
     entered = ", ".join(f"rank {r}: {c}" for r, c in calls.items())
     top = max(calls.values())
     behind = [r for r, c in calls.items() if 0 <= c < top]

@@ -25,7 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, args: tuple) -> None:
+# A rank whose function has returned keeps its process until every rank has returned (or this long): rank 0's
+# process hosts the rendezvous store, which under torchrun lives in the launcher, and a rank that fails later
+# must still be able to read the failure report another rank left there.
+LINGER_S = 30.0
+
+
+def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, args: tuple, all_done) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
                        "RANNC_PROFILE_CACHE_DIR": "", "RANNC_VERBOSE": "0", "RANNC_COMM_TIMEOUT_S": "60",
@@ -39,6 +45,7 @@ def _child(fn: Callable, rank: int, world: int, port: int, env: dict, results, a
         results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException as exc:  # report everything, SystemExit included
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    all_done.wait(LINGER_S)
 
 
 # Ranks are forked from one server process that has imported these once: a spawned rank spends ~3.5 s of a
@@ -57,9 +64,10 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
     """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order (None for the
     ranks in `allow_exit` that ended their process without a result)."""
     ctx = _context()
-    results = ctx.Queue()
+    results, all_done = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, env or {}, results, args), daemon=True)
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, env or {}, results, args, all_done),
+                         daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -86,6 +94,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0,
                 raise AssertionError(f"ranks {missing} did not finish within {timeout:.0f} s; "
                                      f"errors so far: {errors}")
     finally:
+        all_done.set()
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
