@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import gc
 import json
 import os
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rannc  # noqa: E402
 from bert.modeling import BertConfig, BertForPreTrainingWithCriterion, count_parameters  # noqa: E402
 from bert.optim import Lamb, bert_param_groups  # noqa: E402
+from rannc.profile.profiler import sync_device  # noqa: E402
 
 
 def make_batch(config: BertConfig, batch: int, seq: int, preds: int, device, seed: int,
@@ -83,10 +85,6 @@ def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, syn
     return loss, [1e3 * (b - a) for a, b in zip(marks, marks[1:])]
 
 
-def device_sync_of(device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 def run(kind: str, args, config, device, rank, world) -> dict:
     name, items = kind, contender_items(kind)
     kind = kind.split(":")[0]
@@ -122,7 +120,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         torch.cuda.synchronize()
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    phases = [train_step(*parts, device_sync_of(device))[1] for _ in range(args.breakdown_steps)]
+    phases = [train_step(*parts, functools.partial(sync_device, device))[1] for _ in range(args.breakdown_steps)]
     breakdown = {name: round(statistics.median(p[i] for p in phases), 2)
                  for i, name in enumerate(("forward", "backward", "clip", "optimizer"))} if phases else {}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0

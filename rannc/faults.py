@@ -202,28 +202,26 @@ def _never_left(world: int, call: int) -> str | None:
 
 
 def _calls_entered(world: int) -> dict[int, int]:
-    store = _store()
-    calls = {}
-    for rank in range(world):
-        key = CALLS_KEY.format(rank=rank)
-        try:
-            calls[rank] = int(store.get(key).decode()) if store.check([key]) else 0
-        except Exception:  # noqa: BLE001 - unreadable: counted as unknown
-            calls[rank] = -1
-    return calls
+    """rank -> calls it entered (0 before its first, -1 when the store cannot be read)."""
+    try:
+        return {rank: int(value or 0) for rank, value in _per_rank(CALLS_KEY, world).items()}
+    except Exception:  # noqa: BLE001 - unreadable: every count unknown
+        return dict.fromkeys(range(world), -1)
 
 
 def _ranks_left(world: int) -> dict[int, str]:
     """rank -> where its wait ended, for the ranks that marked themselves (see explain)."""
-    store, left = _store(), {}
-    for rank in range(world):
-        key = LEFT_KEY.format(rank=rank)
-        try:
-            if store.check([key]):
-                left[rank] = store.get(key).decode()
-        except Exception:  # noqa: BLE001 - unreadable: not known to have left
-            pass
-    return left
+    try:
+        return {rank: where for rank, where in _per_rank(LEFT_KEY, world).items() if where is not None}
+    except Exception:  # noqa: BLE001 - unreadable: none known to have left
+        return {}
+
+
+def _per_rank(template: str, world: int) -> dict[int, str | None]:
+    """Every rank's value of a per-rank store key (None where the rank never set it)."""
+    store = _store()
+    keys = [template.format(rank=rank) for rank in range(world)]
+    return {rank: store.get(key).decode() if store.check([key]) else None for rank, key in enumerate(keys)}
 
 
 def _listed(ranks: list[int]) -> str:

@@ -112,20 +112,18 @@ class OverlappedAllReduce:
             ranks = placement.holders_of(p)
             if p.requires_grad and len(ranks) > 1:
                 by_group.setdefault(ranks, []).append(p)
-        def deferred(ranks: tuple[int, ...]) -> bool:
-            return stage_ranks is not None and not set(ranks) <= set(stage_ranks)
-
+        deferred = {ranks for ranks in by_group if stage_ranks is not None and not set(ranks) <= set(stage_ranks)}
         # overlapped buckets first: a deferred one launches only in finish(), and would hold back those after it
         global_order = {id(t): i for i, t in enumerate(placement.tensors.values())}
-        for ranks, params in sorted(by_group.items(), key=lambda item: (deferred(item[0]), item[0])):
-            if deferred(ranks):  # each stage uses them in its own order; the flat buffers must line up
+        for ranks, params in sorted(by_group.items(), key=lambda item: (item[0] in deferred, item[0])):
+            if ranks in deferred:  # each stage uses them in its own order; the flat buffers must line up
                 params = sorted(params, key=lambda p: global_order[id(p)])
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)  # buckets are sized by dtype; real grads replace these
             for bucket in _buckets(params):
                 self.buckets.append((placement.groups[ranks], bucket))
-                if not deferred(ranks):
+                if ranks not in deferred:
                     self.overlapped = len(self.buckets)
         self.bucket_of = {id(p): k for k, (_, bucket) in enumerate(self.buckets) for p in bucket}
         self.active = False
