@@ -9,7 +9,7 @@ only; --full_sequence_mlm runs the seed's head over every position. Prints the r
 peak memory per GPU and the ratio rannc / DDP, and after the timed steps a few steps timed phase by phase
 (forward, backward, clipping, optimizer; each followed by a device sync) to compare with the plan's parts.
 
-A contender `rannc:ITEM=VALUE,...` forces rannc config items (`rannc:partition_num=2`,
+A contender `rannc:ITEM=VALUE;...` forces rannc config items (`rannc:partition_num=2`,
 `rannc:partition_num=1`): the planner's choice measured against its alternatives in one launch.
 """
 
@@ -138,7 +138,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         result["plan"] = deployment.table()
         result["predicted_step_ms"] = deployment.predicted_step_ms
         result["predicted_over_measured_step"] = deployment.predicted_step_ms / result["step_ms"]
-        result["predicted_peak_gib"] = max(s.memory_bytes for s in deployment.stages) / 2**30
+        result["predicted_peak_gib"] = deployment.peak_memory_bytes() / 2**30
         if peak:
             result["predicted_over_measured_peak"] = result["predicted_peak_gib"] / max(p for p in peaks if p)
     del wrapped, model, optimizer, batch, loss, parts

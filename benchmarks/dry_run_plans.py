@@ -41,6 +41,7 @@ def example(config_file: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--png_dir", default="", help="also draw every plan into this folder")
+    parser.add_argument("--schedule", default="auto", help="the schedule config item (auto: the planner chooses)")
     args = parser.parse_args()
     captured_models = {}
     rows = []
@@ -54,12 +55,12 @@ def main() -> None:
         spec = DEVICES[device]
         t0 = time.perf_counter()
         profile = estimate_profiles(captured, lin, blocks, spec)
-        deployment = plan(profile, blocks, count, batch, RannConfig(), captured.fingerprint)
+        deployment = plan(profile, blocks, count, batch, RannConfig(schedule=args.schedule), captured.fingerprint)
         plan_s = time.perf_counter() - t0
         recomputed = sum(s.recompute for s in deployment.stages)
-        peak = max(s.memory_bytes for s in deployment.stages) / 2**30
+        peak = deployment.peak_memory_bytes() / 2**30
         rows.append(f"| {name} ({params / 1e9:.2f} B) | {count} x {spec.name.split(' (')[0]} | {batch} | "
-                    f"{deployment.schedule} | {len(deployment.stages)} x {deployment.replicas} | "
+                    f"{_schedule(deployment)} | {deployment.pipeline_depth} x {deployment.replicas} | "
                     f"{deployment.microbatch_count} | {recomputed} | {deployment.predicted_step_ms:.1f} | "
                     f"{deployment.bubble_fraction:.0%} | {peak:.1f} | "
                     f"{capture_s:.1f} | {plan_s:.2f} |")
@@ -71,6 +72,11 @@ def main() -> None:
           "| predicted step ms | bubble | peak GiB/device | capture s | estimate + plan s |")
     print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
+
+
+def _schedule(deployment) -> str:
+    v = deployment.virtual_stages
+    return deployment.schedule + (f" (v={v})" if v > 1 else "")
 
 
 if __name__ == "__main__":

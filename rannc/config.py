@@ -18,6 +18,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from rannc.schedule import names as schedule_names
+from rannc.schedule import supports_virtual_stages
+
 ENV_PREFIX = "RANNC_"
 CONF_FILE_NAME = "rannc_conf.toml"
 
@@ -102,8 +105,19 @@ class RannConfig:
                                         "ranks' inputs are ignored"})
     # Our own items.
     schedule: str = dataclasses.field(
-        default="gpipe", metadata={"help": "pipeline schedule: gpipe (forwards in the call, backwards in "
-                                           "loss.backward()) or 1f1b (interleaved, fewer micro-batches in flight)"})
+        default="gpipe", metadata={"help": "pipeline schedule: auto (the planner chooses gpipe, 1f1b or "
+                                           "interleaved_1f1b, the simplest unless another is predicted 3% "
+                                           "faster), gpipe (forwards "
+                                           "in the call, backwards in loss.backward()), 1f1b (fewer "
+                                           "micro-batches in flight), "
+                                           "interleaved_1f1b (virtual_stages model pieces per rank, a smaller "
+                                           "bubble) or zb_h1 (backward split into input and weight gradients, "
+                                           "a third of 1F1B's bubble); all but gpipe run the backwards inside "
+                                           "the call and need a model returning one scalar loss"})
+    virtual_stages: int = dataclasses.field(
+        default=1, metadata={"help": "model pieces per pipeline rank (interleaved_1f1b): each rank runs "
+                                     "virtual_stages non-adjacent pieces, shrinking the bubble by that factor "
+                                     "for as many more transfers"})
     recompute: str = dataclasses.field(
         default="auto", metadata={"help": "activation recomputation per stage: auto (where memory needs it), "
                                           "always, never"})
@@ -134,7 +148,7 @@ class RannConfig:
         are accepted with a notice (see UPSTREAM_ONLY)."""
         merged = dataclasses.asdict(self)
         merged.update(_read_items(items, "argument"))
-        return RannConfig(**merged)
+        return _checked_together(RannConfig(**merged))
 
 
 def show_items(config: RannConfig) -> str:
@@ -255,8 +269,10 @@ def _check_range(name: str, value: Any, source: str) -> None:
     elif name in ("min_pipeline", "max_pipeline", "opt_param_factor", "max_blocks", "profile_repeats") and (
             value < (0 if name == "opt_param_factor" else 1)):
         bad = "is too small"
-    elif name == "schedule" and value not in ("gpipe", "1f1b"):
-        bad = "must be one of gpipe, 1f1b"
+    elif name == "schedule" and value not in ["auto", *schedule_names()]:
+        bad = f"must be one of auto, {', '.join(schedule_names())}"
+    elif name == "virtual_stages" and value < 1:
+        bad = "must be >= 1"
     elif name == "recompute" and value not in ("auto", "always", "never"):
         bad = "must be one of auto, always, never"
     if bad:
@@ -281,8 +297,16 @@ def load_config(env: dict[str, str] | None = None) -> RannConfig:
         items.update(_read_items(table, str(path)))
     items.update(_read_items({var[len(ENV_PREFIX):]: value for var, value in env.items()
                               if var.startswith(ENV_PREFIX) and var != "RANNC_CONF_DIR"}))
-    config = RannConfig(**items)
+    config = _checked_together(RannConfig(**items))
     if config.min_pipeline > config.max_pipeline:
         raise ConfigError(f"rannc config item 'min_pipeline' ({config.min_pipeline}) exceeds 'max_pipeline' "
                           f"({config.max_pipeline})")
+    return config
+
+
+def _checked_together(config: RannConfig) -> RannConfig:
+    """Items that constrain each other."""
+    if config.virtual_stages > 1 and config.schedule != "auto" and not supports_virtual_stages(config.schedule):
+        raise ConfigError(f"rannc config item 'virtual_stages' ({config.virtual_stages}) needs a schedule with "
+                          f"virtual stages (interleaved_1f1b), not '{config.schedule}'")
     return config

@@ -31,7 +31,7 @@ from rannc.profile.update import measure_update
 from rannc.runtime.engine import Engine
 from rannc.runtime.optimizer import OptimizerPatch
 from rannc.runtime.outputs import OutputRouter
-from rannc.runtime.pipeline import StageRuntime
+from rannc.runtime.pipeline import Piece, StageRuntime
 from rannc.runtime.placement import Placement
 
 logger = logging.getLogger("rannc.RaNNCModule")
@@ -154,7 +154,8 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
                                 show_progress=config.verbose, update=update)
     logger.info("Profiling finished")
     logger.info("Assuming batch size: %d", batch_size)
-    return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint, captured.batch_range)
+    return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint, captured.batch_range,
+                in_call_ok=captured.outputs.kinds == ["scalar"])
 
 
 def _install(model, captured, lin, deployment: Deployment, named: dict, optimizer_patch, config: RannConfig,
@@ -170,33 +171,46 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
                 t.copy_(buf.to(t.device))
     placement = Placement(stages, deployment, rank, named)
     placement.place(device)
-    runtime, stage, replica = None, None, 0
-    my_stage = deployment.stage_of_rank(rank)
-    if my_stage is not None:
-        plan_s = deployment.stages[my_stage]
-        replica = plan_s.ranks.index(rank)
-        prev_rank = deployment.stages[my_stage - 1].ranks[replica] if my_stage > 0 else None
-        next_rank = deployment.stages[my_stage + 1].ranks[replica] if my_stage + 1 < len(stages) else None
-        stage = stages[my_stage]
-        runtime = StageRuntime(stage, captured.batched_inputs, device, prev_rank, next_rank, plan_s.recompute)
+    runtime, replica = None, 0
+    forward_group = gradient_group = None
+    if deployment.virtual_stages > 1:   # a pair of ranks exchanges values and gradients both ways
+        forward_group, gradient_group = dist.new_group(), dist.new_group()
+    pieces = deployment.pieces_of_rank(rank)
+    if pieces:
+        replica = deployment.stages[pieces[0]].ranks.index(rank)
+        runtime = StageRuntime([_piece(deployment, stages, c, replica) for c in pieces], captured.batched_inputs,
+                               device, forward_group=forward_group, gradient_group=gradient_group)
         if config.trace_events:
             runtime.trace, runtime.trace_pid = [], rank
             atexit.register(save_trace)
     if optimizer_patch is not None:
         optimizer_patch.deploy(placement)
     outputs = captured.outputs
-    interleaved = deployment.schedule == "1f1b"
-    if interleaved and outputs.kinds != ["scalar"]:
+    in_call = deployment.schedule != "gpipe" and deployment.pipeline_depth > 1
+    if in_call and outputs.kinds != ["scalar"]:
+        if deployment.virtual_stages > 1:
+            raise DeploymentError(f"schedule '{deployment.schedule}' runs backwards inside the call and needs a "
+                                  f"model returning one scalar loss; this model returns {len(outputs.kinds)} "
+                                  f"outputs: use schedule='gpipe'")
         if rank == 0:
-            logger.warning("schedule '1f1b' runs backwards inside the call and needs a model returning one "
-                           "scalar loss; this model returns %d outputs: running GPipe", len(outputs.kinds))
-        interleaved = False
+            logger.warning("schedule '%s' runs backwards inside the call and needs a model returning one "
+                           "scalar loss; this model returns %d outputs: running GPipe", deployment.schedule,
+                           len(outputs.kinds))
+        in_call = False
     router = OutputRouter(outputs, rank, world_size, device, config.gather_inputs)
-    engine = Engine(deployment, placement, runtime, stage, router, captured.batched_inputs, rank, world_size, device,
-                    replica, interleaved)
+    engine = Engine(deployment, placement, runtime, [stages[c] for c in pieces], router, captured.batched_inputs,
+                    rank, world_size, device, replica, in_call)
     if engine.reducer is not None:
         model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
     return placement, engine
+
+
+def _piece(deployment: Deployment, stages: list, index: int, replica: int) -> Piece:
+    """Piece `index` of the model as this rank (replica `replica` of its stage) runs it."""
+    plan = deployment.stages[index]
+    prev_rank = deployment.stages[index - 1].ranks[replica] if index > 0 else None
+    next_rank = deployment.stages[index + 1].ranks[replica] if index + 1 < len(stages) else None
+    return Piece(stages[index], prev_rank, next_rank, plan.recompute)
 
 
 def _parameter_dtype(captured: CapturedGraph) -> torch.dtype:
@@ -237,7 +251,8 @@ def plan_dry_run(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], wor
     log(f"captured {lin.size} operations into {blocks.count} blocks in {time.perf_counter() - t0:.1f} s")
     t1 = time.perf_counter()
     profile = estimate_profiles(captured, lin, blocks, device, activation_bytes_per_element)
-    deployment = plan(profile, blocks, world_size, batch_size, config, captured.fingerprint)
+    deployment = plan(profile, blocks, world_size, batch_size, config, captured.fingerprint,
+                      in_call_ok=captured.outputs.kinds == ["scalar"])
     log(f"estimated profiles and planned for {world_size} x {device.name} in {time.perf_counter() - t1:.1f} s "
         f"({deployment.candidates_considered} candidate plans priced)")
     return deployment

@@ -254,6 +254,41 @@ def _check_pair(s: int, actions: Sequence[Action], where: dict[tuple[str, int, i
         raise ValueError(f"stage {s} runs {name('BW')} before {name('BI')}")
 
 
+def check_transfers(actions_per_stage: Sequence[Sequence[Action]], virtual_stages: int = 1) -> None:
+    """Raise ValueError unless every stage receives the messages of each neighbour in the order that neighbour
+    sends them, for forward values and for gradients separately. Point-to-point messages between two ranks
+    are matched in issue order (NCCL has no tags), so a schedule violating this would silently hand a
+    stage another micro-batch's tensor of the same shape. The runtime sends forward values and gradients on
+    two process groups when a pair of ranks exchanges both in one direction (virtual stages)."""
+    p = len(actions_per_stage)
+    last = p * virtual_stages - 1
+    if p < 2:
+        if virtual_stages > 1:
+            raise ValueError("virtual stages need at least 2 pipeline stages (a rank would send to itself)")
+        return
+    sent: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+    received: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+    for s, actions in enumerate(actions_per_stage):
+        for action in actions:
+            if action.kind == "BW":
+                continue
+            chunk = action.stage * p + s
+            step = 1 if action.kind == "F" else -1
+            direction = "forward" if action.kind == "F" else "gradient"
+            if 0 <= chunk + step <= last:
+                sent.setdefault((direction, s, (chunk + step) % p), []).append((action.microbatch, chunk))
+            if 0 <= chunk - step <= last:
+                received.setdefault((direction, (chunk - step) % p, s), []).append((action.microbatch, chunk - step))
+    for key in sorted(set(sent) | set(received)):
+        direction, src, dst = key
+        out, into = sent.get(key, []), received.get(key, [])
+        if out != into:
+            first = next((k for k, (a, b) in enumerate(zip(out, into)) if a != b), min(len(out), len(into)))
+            raise ValueError(f"stage {dst} receives {direction} messages from stage {src} in another order than "
+                             f"they are sent (message {first}: sent {out[first:first + 1]}, received "
+                             f"{into[first:first + 1]} as (micro-batch, piece))")
+
+
 # ---- timing model ------------------------------------------------------------------------------------------
 
 Costs = Callable[[int, Action], float] | Mapping
@@ -337,25 +372,30 @@ def _walk(actions_per_stage: Sequence[Sequence[Action]], duration: Callable[[int
             deps.append((("B", mb, chunk + 1), (chunk + 1) % p != s))
         return ("B", mb, chunk), deps
 
-    progress = True
-    while progress:
-        progress = False
-        for s, actions in enumerate(actions_per_stage):
-            while position[s] < len(actions):
-                action = actions[position[s]]
-                produced, deps = needs(s, action)
-                if any(dep not in done for dep, _ in deps):
-                    break
-                start = max([free[s]] + [done[dep] + (p2p_ms if remote else 0.0) for dep, remote in deps])
-                took = duration(s, action)
-                if took < 0:
-                    raise ValueError(f"costs give a negative duration ({took}) for {action} on stage {s}")
-                if produced in done:
-                    raise ValueError(f"stage {s} runs {action} twice")
-                done[produced] = free[s] = start + took
-                timeline.append((s, action, start, start + took))
-                position[s] += 1
-                progress = True
+    # Each stage runs its list until an action waits on a product not yet made; it is tried again only when
+    # that product appears (one pass over all actions, not one per round).
+    waiting: dict[tuple[str, int, int], list[int]] = {}
+    ready = list(range(p))
+    while ready:
+        s = ready.pop()
+        actions = actions_per_stage[s]
+        while position[s] < len(actions):
+            action = actions[position[s]]
+            produced, deps = needs(s, action)
+            missing = next((dep for dep, _ in deps if dep not in done), None)
+            if missing is not None:
+                waiting.setdefault(missing, []).append(s)
+                break
+            start = max([free[s]] + [done[dep] + (p2p_ms if remote else 0.0) for dep, remote in deps])
+            took = duration(s, action)
+            if took < 0:
+                raise ValueError(f"costs give a negative duration ({took}) for {action} on stage {s}")
+            if produced in done:
+                raise ValueError(f"stage {s} runs {action} twice")
+            done[produced] = free[s] = start + took
+            timeline.append((s, action, start, start + took))
+            position[s] += 1
+            ready.extend(waiting.pop(produced, ()))
     stuck = [f"stage {s} at {actions[position[s]]} (action {position[s]})"
              for s, actions in enumerate(actions_per_stage) if position[s] < len(actions)]
     if stuck:

@@ -174,3 +174,47 @@ def test_optimizer_step_is_timed_on_a_copy_of_the_wrapped_optimizer():
     update = measure_update(optimizer, torch.float32, torch.device("cpu"), large_bytes=2**20, repeats=1)
     assert update.state_bytes_per_byte == pytest.approx(2.0, rel=0.01)
     assert not optimizer.state and torch.equal(model.weight, before)
+
+
+def _pipeline_bound_profile():
+    """Too many parameters for data parallelism on 4 devices, so that a pipeline must run and its bubble
+    matters: 8 equal blocks of 8 GB (x 4 with gradients and Adam states)."""
+    return _profile(blocks=8, param_bytes=8 * GB, memory=80 * GB)
+
+
+def test_auto_schedule_prefers_the_simplest_unless_another_is_faster():
+    profile = _pipeline_bound_profile()
+    items = dict(partition_num=4, min_pipeline=4, max_pipeline=4, mem_margin=0.0)
+    chosen = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="auto", **items), "f")
+    forced = {name: plan(profile, _bounds(8), 4, 64, RannConfig(schedule=name, virtual_stages=v, **items), "f")
+              for name, v in [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1), ("interleaved_1f1b", 2)]}
+    # 4 stages, 4 micro-batches: GPipe's bubble is 3/7 of the step; zero bubble and interleaving shrink it
+    assert forced["gpipe"].bubble_fraction == pytest.approx(3 / 7, abs=0.02)
+    assert forced["zb_h1"].predicted_step_ms < 0.9 * forced["gpipe"].predicted_step_ms
+    assert forced["interleaved_1f1b"].predicted_step_ms < 0.9 * forced["gpipe"].predicted_step_ms
+    fastest = min(d.predicted_step_ms for name, d in forced.items() if name != "zb_h1")   # not in auto yet
+    assert chosen.predicted_step_ms <= fastest * 1.03 + 1e-9
+    assert chosen.schedule == "interleaved_1f1b" and chosen.virtual_stages == 2
+    # a model returning more than one scalar can only run GPipe
+    only_gpipe = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="auto", **items), "f", in_call_ok=False)
+    assert only_gpipe.schedule == "gpipe"
+    # data parallelism (one stage) is GPipe whatever the schedule option
+    small = plan(_profile(param_bytes=10**7), _bounds(16), 4, 64, RannConfig(schedule="auto"), "f")
+    assert len(small.stages) == 1 and small.schedule == "gpipe"
+
+
+def test_virtual_stages_cut_the_model_into_pieces_placed_round_robin(tmp_path):
+    profile = _profile(blocks=8, param_bytes=4 * GB, memory=80 * GB)   # 2 pieces of 2 blocks (32 GB) per rank
+    d = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="interleaved_1f1b", virtual_stages=2, partition_num=2,
+                                                    min_pipeline=4, max_pipeline=4, mem_margin=0.0), "f")
+    assert d.virtual_stages == 2 and d.pipeline_depth == 2 and len(d.stages) == 4
+    assert [s.ranks for s in d.stages] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    assert d.pieces_of_rank(3) == [1, 3] and d.stage_of_rank(3) == 1
+    assert [s.first_block for s in d.stages] == sorted(s.first_block for s in d.stages) and d.stages[-1].end_block == 8
+    path = tmp_path / "d.json"
+    d.save(path)
+    assert Deployment.load(path) == d
+    assert "virtual_stages=2" in d.table()
+    with pytest.raises(PlanningError, match="exceeds"):
+        plan(profile, _bounds(8), 8, 64, RannConfig(schedule="interleaved_1f1b", virtual_stages=2, partition_num=5),
+             "f")

@@ -59,9 +59,12 @@ class StageCost:
         return self.exposed_allreduce_ms + self.clip_ms + self.optimizer_ms
 
 
-def step_ms(slot_ms: float, tail_ms: float, stage_count: int, microbatch_count: int) -> float:
-    """The predicted step of a pipeline whose slowest slot and longest tail are given."""
-    return (microbatch_count + stage_count - 1) * slot_ms + tail_ms
+def step_ms(slot_ms: float, tail_ms: float, stage_count: int, microbatch_count: int,
+            virtual_stages: int = 1) -> float:
+    """The predicted step of a pipeline whose slowest slot and longest tail are given. With v pieces per
+    rank (interleaved 1F1B) a slot is a piece's, a rank runs M x v of them and the fill and drain take
+    S - 1 of them: the bubble shrinks by v."""
+    return (microbatch_count * virtual_stages + stage_count - 1) * slot_ms + tail_ms
 
 
 def _prefix(values) -> np.ndarray:

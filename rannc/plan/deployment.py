@@ -51,16 +51,39 @@ class Deployment:
     bubble_fraction: float = 0.0   # simulated idle share of the pipeline's stage time
     planning_s: float = 0.0
     candidates_considered: int = 0
+    virtual_stages: int = 1        # model pieces per pipeline rank: `stages` lists pipeline_depth x this many
 
     @property
     def replicas(self) -> int:
         return self.stages[0].replicas
 
+    @property
+    def pipeline_depth(self) -> int:
+        """Ranks a micro-batch passes on its way through (physical stages); piece c runs on the ranks of
+        physical stage c % pipeline_depth, as its virtual stage c // pipeline_depth."""
+        return len(self.stages) // self.virtual_stages
+
     def stage_of_rank(self, rank: int) -> int | None:
-        for index, stage in enumerate(self.stages):
+        """The physical stage whose ranks include `rank` (None for an idle rank)."""
+        for index, stage in enumerate(self.stages[:self.pipeline_depth]):
             if rank in stage.ranks:
                 return index
         return None
+
+    def pieces_of_rank(self, rank: int) -> list[int]:
+        """Indices into `stages` of the pieces `rank` runs, by virtual stage."""
+        physical = self.stage_of_rank(rank)
+        if physical is None:
+            return []
+        return list(range(physical, len(self.stages), self.pipeline_depth))
+
+    def peak_memory_bytes(self) -> int:
+        """The predicted memory of the fullest rank (the sum of its pieces with virtual stages)."""
+        per_rank: dict[int, int] = {}
+        for stage in self.stages:
+            for rank in stage.ranks:
+                per_rank[rank] = per_rank.get(rank, 0) + stage.memory_bytes
+        return max(per_rank.values(), default=0)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -102,7 +125,8 @@ class Deployment:
 
     def table(self) -> str:
         """The partition report, one line per stage, like RaNNC's DPStaging log."""
-        lines = [f"Deployment: stages={len(self.stages)} replicas={self.replicas} "
+        pieces = f" virtual_stages={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        lines = [f"Deployment: stages={self.pipeline_depth}{pieces} replicas={self.replicas} "
                  f"micro-batches={self.microbatch_count} batch_size={self.batch_size} ranks={self.world_size} "
                  f"schedule={self.schedule} predicted_step={self.predicted_step_ms:.2f} ms "
                  f"bubble={self.bubble_fraction:.1%}"

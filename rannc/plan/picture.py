@@ -11,17 +11,20 @@ from pathlib import Path
 from rannc.plan.deployment import Deployment
 from rannc.plan.planner import simulate_deployment
 
-COLORS = {"F": "#4C72B0", "B": "#DD8452", "tail": "#8C8C8C"}
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "BI": "#DD8452", "BW": "#C44E52", "tail": "#8C8C8C"}
+LEGEND = {"F": "forward", "B": "backward (whole, or inputs' part)", "BW": "backward, weights' part",
+          "tail": "all-reduce + clip + optimizer"}
 
 
 def simulated_timeline(deployment: Deployment) -> list[tuple[int, str, float, float]]:
-    """(stage, kind, start ms, end ms) of one simulated step, the tail after each stage's last backward."""
-    stages = deployment.stages
+    """(stage, kind, start ms, end ms) of one simulated step, the tail (of all the stage's pieces) after each
+    stage's last backward."""
+    depth = deployment.pipeline_depth
     result = simulate_deployment(deployment)
     rows = [(s, action.kind, start, end) for s, action, start, end in result.timeline]
-    for s, st in enumerate(stages):
+    for s in range(depth):
         last = max(end for stage, _, _, end in rows if stage == s)
-        tail = st.exposed_allreduce_ms + st.clip_ms + st.optimizer_ms
+        tail = sum(st.exposed_allreduce_ms + st.clip_ms + st.optimizer_ms for st in deployment.stages[s::depth])
         if tail > 0:
             rows.append((s, "tail", last, last + tail))
     return rows
@@ -37,7 +40,7 @@ def measured_timeline(trace_files: list[str | Path]) -> dict[int, list[tuple[str
     origin = min(e["ts"] for e in events)
     rows: dict[int, list[tuple[str, float, float]]] = {}
     for e in events:
-        kind = "F" if e["name"].startswith("F") else "B"
+        kind = next(k for k in ("BI", "BW", "F", "B") if e["name"].startswith(k))
         start = (e["ts"] - origin) / 1e3
         rows.setdefault(int(e["pid"]), []).append((kind, start, start + e["dur"] / 1e3))
     return rows
@@ -53,9 +56,10 @@ def draw(deployment: Deployment, path: str | Path, trace_files: list[str | Path]
     panels = 3 if measured else 2
     fig, axes = plt.subplots(panels, 1, figsize=(11, 3.2 * panels + 0.15 * min(len(deployment.stages), 32)))
     _draw_memory(axes[0], deployment)
-    _draw_timeline(axes[1], simulated_timeline(deployment), len(deployment.stages), "stage",
+    pieces = f", {deployment.virtual_stages} pieces per rank" if deployment.virtual_stages > 1 else ""
+    _draw_timeline(axes[1], simulated_timeline(deployment), deployment.pipeline_depth, "stage",
                    f"simulated step: {deployment.predicted_step_ms:.1f} ms predicted, "
-                   f"bubble {deployment.bubble_fraction:.0%} ({deployment.schedule}, "
+                   f"bubble {deployment.bubble_fraction:.0%} ({deployment.schedule}{pieces}, "
                    f"{deployment.microbatch_count} micro-batches)")
     if measured:
         ranks = sorted(measured)
@@ -71,23 +75,22 @@ def draw(deployment: Deployment, path: str | Path, trace_files: list[str | Path]
 
 
 def _draw_memory(ax, deployment: Deployment) -> None:
-    ranks, memory, colors = [], [], []
+    """One bar per rank, one segment per piece it runs (one unless the schedule has virtual stages)."""
     palette = [f"C{k % 10}" for k in range(len(deployment.stages))]
+    below: dict[int, float] = {}
     for s, st in enumerate(deployment.stages):
-        for rank in st.ranks:
-            ranks.append(rank)
-            memory.append(st.memory_bytes / 2**30)
-            colors.append(palette[s])
-    ax.bar(ranks, memory, color=colors)
+        gib = st.memory_bytes / 2**30
+        ax.bar(st.ranks, [gib] * len(st.ranks), bottom=[below.get(r, 0.0) for r in st.ranks], color=palette[s])
+        ax.text(st.ranks[0], below.get(st.ranks[0], 0.0) + gib,
+                f"piece {s}\nblocks {st.first_block}-{st.end_block - 1}", fontsize=7, va="bottom")
+        for r in st.ranks:
+            below[r] = below.get(r, 0.0) + gib
     if deployment.memory_limit_bytes:
         ax.axhline(deployment.memory_limit_bytes / 2**30, color="red", linestyle="--", label="memory limit")
         ax.legend(loc="upper right")
-    for s, st in enumerate(deployment.stages):
-        ax.text(st.ranks[0], st.memory_bytes / 2**30, f"stage {s}\nblocks {st.first_block}-{st.end_block - 1}",
-                fontsize=7, va="bottom")
     ax.set_xlabel("rank")
     ax.set_ylabel("predicted GiB")
-    ax.set_title(f"{len(deployment.stages)} stages x {deployment.replicas} replicas on {deployment.world_size} "
+    ax.set_title(f"{deployment.pipeline_depth} stages x {deployment.replicas} replicas on {deployment.world_size} "
                  f"ranks, global batch {deployment.batch_size}")
 
 
@@ -101,6 +104,5 @@ def _draw_timeline(ax, rows, count: int, what: str, title: str, labels: list[str
     ax.set_ylabel(what)
     ax.set_xlabel("ms")
     ax.set_title(title)
-    handles = [ax.barh([0], [0], color=c, label=k) for k, c in COLORS.items()]
-    ax.legend(handles=handles, labels=["forward", "backward", "all-reduce + clip + optimizer"], loc="lower right",
-              fontsize=7)
+    handles = [ax.barh([0], [0], color=COLORS[k]) for k in LEGEND]
+    ax.legend(handles=handles, labels=list(LEGEND.values()), loc="lower right", fontsize=7)

@@ -32,6 +32,10 @@ from rannc.schedule import in_flight, simulate
 logger = logging.getLogger("rannc.planner")
 
 SIMPLER_PLAN_MARGIN = 0.03
+SCHEDULE_ORDER = ("gpipe", "1f1b", "zb_h1", "interleaved_1f1b")   # simplest first: ties go to the earlier
+CLOSED_FORM = ("gpipe", "1f1b")   # schedules whose step the cost model's formula gives (equal slots: exactly)
+WEIGHT_SHARE = 0.5             # of a backward, the weights' part (BW) when a schedule splits it: as many
+                               # matrix products as the inputs' part in a linear layer
 MAX_TAIL_THRESHOLDS = 256      # per (replicas, micro-batches): far above what real profiles need
 
 
@@ -44,16 +48,19 @@ class Candidate:
     """The best split for one (stage count, replicas, micro-batch count)."""
 
     step_ms: float
-    stage_count: int
+    stage_count: int               # ranks a micro-batch passes (physical stages)
     replicas: int
     microbatches: int
     samples: int
-    ranges: list[tuple[int, int]]
+    ranges: list[tuple[int, int]]  # stage_count x virtual_stages pieces, in model order
     costs: list[StageCost]
+    virtual_stages: int = 1
+    schedule: str = "gpipe"
 
     @property
-    def simplicity(self) -> tuple[int, int, int]:
-        return (self.stage_count, sum(c.recompute for c in self.costs), self.microbatches)
+    def simplicity(self) -> tuple[int, int, int, int, int]:
+        return (self.stage_count, SCHEDULE_ORDER.index(self.schedule), self.virtual_stages,
+                sum(c.recompute for c in self.costs), self.microbatches)
 
 
 # ---- the space ---------------------------------------------------------------------------------------------
@@ -68,12 +75,16 @@ def microbatch_candidates(config: RannConfig, batch_size: int, replicas: int) ->
 
 
 def stage_counts(config: RannConfig, world_size: int, block_count: int) -> list[int]:
+    """Physical stage counts searched. With virtual_stages = v > 1 every rank runs v pieces, so the model's
+    blocks must give S x v pieces; one stage runs without virtual stages."""
+    v = config.virtual_stages
     if config.partition_num:
-        if config.partition_num > min(world_size, block_count):
+        if config.partition_num > min(world_size, block_count // v):
             raise PlanningError(f"partition_num={config.partition_num} exceeds the {world_size} processes or "
-                                f"the {block_count} blocks of the model")
+                                f"the {block_count} blocks of the model" + (f" split into {v} pieces per stage"
+                                                                            if v > 1 else ""))
         return [config.partition_num]
-    return list(range(1, min(world_size, block_count) + 1))
+    return list(range(1, max(1, min(world_size, block_count // v)) + 1))
 
 
 BatchRange = tuple[int, "int | None"]   # the micro-batch rows a captured graph holds for (upper None: no bound)
@@ -139,30 +150,50 @@ def memory_cap(profile: ProfileSet, config: RannConfig) -> int:
 # ---- the search --------------------------------------------------------------------------------------------
 
 def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfig,
-           cap: int, batch_range: BatchRange = (1, None)) -> tuple[list[Candidate], float]:
+           cap: int, batch_range: BatchRange = (1, None), in_call_ok: bool = True) -> tuple[list[Candidate], float]:
     """The best candidate of every (stage count, replicas, micro-batches) that may still win, and the smallest
     memory a stage needed where nothing fitted."""
-    groups = space(config, world_size, costs.n, batch_size, batch_range)
-    # cheap bounds first, so that the best plan is found early and most groups are cut off
-    bounds = {key: _group_bound(costs, key, counts, batch_size) for key, counts in groups.items()}
-    order = sorted(groups, key=bounds.get)
     found: list[Candidate] = []
     best = math.inf
     smallest_need = math.inf
-    for replicas, microbatches in order:
-        if bounds[(replicas, microbatches)] >= best * (1.0 + SIMPLER_PLAN_MARGIN):
-            continue
-        samples = microbatch_size(batch_size, replicas, microbatches)
-        table = costs.table(replicas, samples)
-        results, need = _best_splits(costs, table, groups[(replicas, microbatches)], microbatches, cap, best)
-        smallest_need = min(smallest_need, need)
-        for cand in results:
-            found.append(cand)
-            best = min(best, cand.step_ms)
+    for schedule, v in schedule_options(config, in_call_ok):
+        groups = space(config.replace(virtual_stages=v), world_size, costs.n, batch_size, batch_range)
+        if schedule != SCHEDULE_ORDER[0]:   # one stage runs every schedule alike: priced once, as GPipe
+            groups = {key: [s for s in counts if s > 1] for key, counts in groups.items()}
+            groups = {key: counts for key, counts in groups.items() if counts}
+        # cheap bounds first, so that the best plan is found early and most groups are cut off
+        bounds = {key: _group_bound(costs, key, counts, batch_size, v) for key, counts in groups.items()}
+        for replicas, microbatches in sorted(groups, key=bounds.get):
+            if bounds[(replicas, microbatches)] >= best * (1.0 + SIMPLER_PLAN_MARGIN):
+                continue
+            table = costs.table(replicas, microbatch_size(batch_size, replicas, microbatches))
+            counts = groups[(replicas, microbatches)]
+            # with virtual stages a stage's held activations depend on the stage count: one search per count
+            for searched in ([counts] if v == 1 else [[s] for s in counts]):
+                virtual = v if searched[0] > 1 else 1
+                results, need = _best_splits(costs, table, searched, microbatches, cap, best, schedule, virtual)
+                smallest_need = min(smallest_need, need)
+                for cand in results:
+                    found.append(cand)
+                    best = min(best, cand.step_ms)
     return found, smallest_need
 
 
-def _group_bound(costs: CostModel, key: tuple[int, int], counts: list[int], batch_size: int) -> float:
+def schedule_options(config: RannConfig, in_call_ok: bool = True) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) searched: the configured one, or under schedule='auto' the schedules
+    whose costs the profile measures (those running backwards inside the call only for a model returning
+    one scalar loss). zb_h1 is left out of 'auto': its split backward's host cost is not profiled yet, and
+    on 2 x H200 (BERT-large, 8-row micro-batches) it measured 2.6x its prediction."""
+    if config.schedule != "auto":
+        return [(config.schedule, config.virtual_stages)]
+    options = [("gpipe", 1)]
+    if in_call_ok:
+        options += [("1f1b", 1), ("interleaved_1f1b", max(2, config.virtual_stages))]
+    return options
+
+
+def _group_bound(costs: CostModel, key: tuple[int, int], counts: list[int], batch_size: int,
+                 virtual_stages: int = 1) -> float:
     """A lower bound on any plan of the group: the work of one replica spread evenly over S stages and no
     stage faster than its slowest block, with the overhead calibration ignored (it only lowers costs)."""
     replicas, microbatches = key
@@ -171,20 +202,35 @@ def _group_bound(costs: CostModel, key: tuple[int, int], counts: list[int], batc
     single = [b.fwd_ms(samples) + b.bwd_ms(samples) for b in blocks]
     total = sum(single) * MIN_STAGE_FRACTION
     slowest = max(single) * MIN_STAGE_FRACTION
-    return min(step_ms(max(total / s, slowest), 0.0, s, microbatches) for s in counts)
+    def bound(s: int) -> float:
+        v = virtual_stages if s > 1 else 1
+        return step_ms(max(total / (s * v), slowest), 0.0, s, microbatches, v)
+    return min(bound(s) for s in counts)
 
 
-def _held(schedule: str, distance_from_end: int, microbatches: int) -> int:
-    """Micro-batches a stage holds, by its distance from the pipeline's last stage (independent of the
-    stage count for every schedule the planner uses: checked in tests)."""
-    return in_flight(schedule, 0, distance_from_end + 1, microbatches)
+def _held(schedule: str, distance_from_end: int, microbatches: int, stage_count: int = 0,
+          virtual_stages: int = 1) -> int:
+    """Micro-batches a piece holds, by its distance from the model's last piece. Without virtual stages
+    this is independent of the stage count for every schedule (checked in tests). With them, a piece holds
+    at most what its rank holds in all (micro-batch, piece) pairs: an over-estimate by up to v."""
+    if virtual_stages == 1:
+        return in_flight(schedule, 0, distance_from_end + 1, microbatches)
+    physical = (stage_count * virtual_stages - 1 - distance_from_end) % stage_count
+    return in_flight(schedule, physical, stage_count, microbatches, virtual_stages)
 
 
 def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microbatches: int, cap: int,
-                 best_so_far: float) -> tuple[list[Candidate], float]:
+                 best_so_far: float, schedule: str, virtual: int = 1) -> tuple[list[Candidate], float]:
+    """The best split for each stage count in `counts` (one count when `virtual` > 1: then the model is cut
+    into count x virtual pieces, each priced against its share cap / virtual of the device)."""
     n = costs.n
+    stage_of = {s * virtual: s for s in counts}
+    counts = list(stage_of)                       # in pieces from here on
     levels = max(counts)
-    choices = [table.choose(_held(costs.schedule, e, microbatches), cap) for e in range(levels)]
+    physical = counts[0] // virtual
+    held = [_held(schedule, e, microbatches, physical, virtual) for e in range(levels)]
+    cap = cap // virtual
+    choices = [table.choose(h, cap) for h in held]
     need = math.inf
     for slot, _, memory in choices:
         over = ~table.invalid & ~np.isfinite(slot)
@@ -211,10 +257,10 @@ def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microba
                 continue
             ranges = _ranges(cuts, s, n)
             longest_tail = max(float(tail[i, j]) for i, j in ranges)
-            value = step_ms(bottleneck, longest_tail, s, microbatches)
+            value = step_ms(bottleneck, longest_tail * virtual, stage_of[s], microbatches, virtual)
             if value < best.get(s, (math.inf,))[0]:
                 best[s] = (value, ranges)
-            bound = step_ms(bottleneck, tail_floor[s - 1][0], s, microbatches)
+            bound = step_ms(bottleneck, tail_floor[s - 1][0] * virtual, stage_of[s], microbatches, virtual)
             if bound >= best[s][0]:          # no smaller tail threshold can beat this split: it is exact
                 alive.discard(s)
             elif bound >= limit:             # nor can it come close enough to the best plan to be chosen
@@ -231,9 +277,14 @@ def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microba
                      MAX_TAIL_THRESHOLDS, table.replicas, microbatches)
     results = []
     for s, (value, ranges) in sorted(best.items()):
-        stage_costs = [table.stage(i, j, _held(costs.schedule, s - 1 - k, microbatches), cap)
-                       for k, (i, j) in enumerate(ranges)]
-        results.append(Candidate(value, s, table.replicas, microbatches, table.samples, ranges, stage_costs))
+        stage_costs = [table.stage(i, j, held[s - 1 - k], cap) for k, (i, j) in enumerate(ranges)]
+        cand = Candidate(value, stage_of[s], table.replicas, microbatches, table.samples, ranges, stage_costs,
+                         virtual, schedule if stage_of[s] > 1 else SCHEDULE_ORDER[0])
+        if cand.stage_count > 1 and schedule not in CLOSED_FORM:
+            if _busiest_rank_ms(cand) >= limit:
+                continue      # even without a bubble it could not be chosen: not worth simulating
+            cand.step_ms = simulated_step(cand, schedule)
+        results.append(cand)
     return results, need
 
 
@@ -260,6 +311,41 @@ def _ranges(cuts: list[np.ndarray], stage_count: int, n: int) -> list[tuple[int,
     return ranges
 
 
+def action_costs(fwd_ms: list[float], bwd_ms: list[float], depth: int):
+    """Per-action durations for the simulator from each piece's forward (with its send) and backward."""
+    def cost(stage: int, action) -> float:
+        piece = action.stage * depth + stage
+        if action.kind == "F":
+            return fwd_ms[piece]
+        if action.kind == "B":
+            return bwd_ms[piece]
+        share = WEIGHT_SHARE if action.kind == "BW" else 1.0 - WEIGHT_SHARE
+        return share * bwd_ms[piece]
+    return cost
+
+
+def _rank_tails(cand: Candidate) -> list[float]:
+    depth, v = cand.stage_count, cand.virtual_stages
+    return [sum(cand.costs[p].tail_ms for p in range(s, depth * v, depth)) for s in range(depth)]
+
+
+def _busiest_rank_ms(cand: Candidate) -> float:
+    """A lower bound on the simulated step: the busiest rank's work with no bubble, plus the longest tail."""
+    depth = cand.stage_count
+    busy = [sum(c.slot_ms for c in cand.costs[s::depth]) * cand.microbatches for s in range(depth)]
+    return max(busy) + max(_rank_tails(cand))
+
+
+def simulated_step(cand: Candidate, schedule: str) -> float:
+    """The candidate's step by simulating its schedule, plus the longest rank's tail (a rank's pieces'
+    optimizer, clipping and exposed all-reduce, one after another)."""
+    depth, v = cand.stage_count, cand.virtual_stages
+    lists = get_schedule(schedule)(depth, cand.microbatches, v)
+    fwd = [c.fwd_ms + c.send_ms for c in cand.costs]
+    bwd = [c.bwd_ms for c in cand.costs]
+    return simulate(lists, action_costs(fwd, bwd, depth)).step_ms + max(_rank_tails(cand))
+
+
 def choose(candidates: list[Candidate]) -> Candidate:
     """The simplest candidate within SIMPLER_PLAN_MARGIN of the fastest (ties broken by prediction, then
     by the order of the space, so the same candidates always give the same plan)."""
@@ -271,22 +357,23 @@ def choose(candidates: list[Candidate]) -> Candidate:
 # ---- the plan ----------------------------------------------------------------------------------------------
 
 def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, config: RannConfig,
-         fingerprint: str, batch_range: BatchRange = (1, None)) -> Deployment:
+         fingerprint: str, batch_range: BatchRange = (1, None), in_call_ok: bool = True) -> Deployment:
+    """The deployment of the fastest plan (the simplest within SIMPLER_PLAN_MARGIN). `in_call_ok`: the model
+    returns one scalar loss, so schedules that run the backwards inside the call may be chosen."""
     started = time.perf_counter()
     cap = memory_cap(profile, config)
     costs = CostModel(profile, config.opt_param_factor, config.recompute, config.schedule,
                       count_clipping=config.plan_grad_clipping, accumulate_grads=config.accumulate_grads)
     if not space(config, world_size, costs.n, batch_size, batch_range):
         raise PlanningError(_empty_space(config, world_size, costs.n, batch_size, batch_range))
-    found, smallest_need = search(costs, world_size, batch_size, config, cap, batch_range)
+    found, smallest_need = search(costs, world_size, batch_size, config, cap, batch_range, in_call_ok)
     if not found:
         raise PlanningError(
             f"no partition of the model fits {cap / 2**30:.2f} GiB per device (device memory minus "
             f"mem_margin={config.mem_margin}); the smallest stage found needs {smallest_need / 2**30:.2f} GiB. "
             f"Use more devices, a smaller batch, a larger max_pipeline, or raise mem_limit_gb.")
     chosen = choose(found)
-    deployment = to_deployment(chosen, blocks, world_size, batch_size, cap, fingerprint,
-                               config.schedule if chosen.stage_count > 1 else "gpipe")
+    deployment = to_deployment(chosen, blocks, world_size, batch_size, cap, fingerprint, chosen.schedule)
     deployment.planning_s = time.perf_counter() - started
     deployment.candidates_considered = len(found)
     return deployment
@@ -294,9 +381,9 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
 
 def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size: int, cap: int,
                   fingerprint: str, schedule: str) -> Deployment:
-    r = chosen.replicas
+    r, depth = chosen.replicas, chosen.stage_count
     stages = [StagePlan(first_block=i, end_block=j, start=blocks.bounds[i], end=blocks.bounds[j],
-                        ranks=list(range(s * r, (s + 1) * r)), recompute=c.recompute, fwd_ms=c.fwd_ms,
+                        ranks=list(range((s % depth) * r, (s % depth + 1) * r)), recompute=c.recompute, fwd_ms=c.fwd_ms,
                         bwd_ms=c.bwd_ms, allreduce_ms=c.allreduce_ms, param_bytes=c.param_bytes,
                         activation_bytes=c.activation_bytes, memory_bytes=c.memory_bytes, send_ms=c.send_ms,
                         exposed_allreduce_ms=c.exposed_allreduce_ms, optimizer_ms=c.optimizer_ms,
@@ -304,7 +391,8 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
               for s, ((i, j), c) in enumerate(zip(chosen.ranges, chosen.costs))]
     deployment = Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
                             microbatch_count=chosen.microbatches, stages=stages, block_bounds=list(blocks.bounds),
-                            predicted_step_ms=chosen.step_ms, memory_limit_bytes=cap, schedule=schedule)
+                            predicted_step_ms=chosen.step_ms, memory_limit_bytes=cap, schedule=schedule,
+                            virtual_stages=chosen.virtual_stages)
     deployment.bubble_fraction = simulated_bubble(deployment)
     return deployment
 
@@ -312,16 +400,14 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
 def simulate_deployment(deployment: Deployment):
     """One step of the deployment's schedule simulated with its stages' predicted forward (plus send) and
     backward times, the tail excluded; shared by the report's bubble and the picture's timeline."""
-    stage_count = len(deployment.stages)
-    lists = get_schedule(deployment.schedule if stage_count > 1 else "gpipe")(stage_count,
-                                                                             deployment.microbatch_count)
-    costs = {}
-    for s, st in enumerate(deployment.stages):
-        costs[(s, "F")] = st.fwd_ms + st.send_ms
-        costs[(s, "B")] = st.bwd_ms
-    return simulate(lists, costs)
+    depth = deployment.pipeline_depth
+    lists = get_schedule(deployment.schedule if depth > 1 else "gpipe")(depth, deployment.microbatch_count,
+                                                                       deployment.virtual_stages)
+    fwd = [st.fwd_ms + st.send_ms for st in deployment.stages]
+    bwd = [st.bwd_ms for st in deployment.stages]
+    return simulate(lists, action_costs(fwd, bwd, depth))
 
 
 def simulated_bubble(deployment: Deployment) -> float:
     """The share of the pipeline's stage time spent idle in one step (0 for one stage)."""
-    return simulate_deployment(deployment).bubble_fraction if len(deployment.stages) > 1 else 0.0
+    return simulate_deployment(deployment).bubble_fraction if deployment.pipeline_depth > 1 else 0.0

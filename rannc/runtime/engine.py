@@ -25,7 +25,8 @@ from rannc.runtime.chunks import Chunk, split_batch
 from rannc.runtime.outputs import OutputRouter, PipelineOutputs
 from rannc.runtime.pipeline import StageRuntime
 from rannc.runtime.placement import Placement
-from rannc.schedule import gpipe_backward, gpipe_forward, one_f_one_b
+from rannc.schedule import Action, gpipe_backward, gpipe_forward
+from rannc.schedule import get as get_schedule
 
 
 @dataclass
@@ -38,8 +39,8 @@ class CallFlags:
 
 class Engine:
     def __init__(self, deployment: Deployment, placement: Placement, runtime: StageRuntime | None,
-                 stage: StageGraph | None, router: OutputRouter, batched_inputs: list[bool], rank: int,
-                 world: int, device: torch.device, replica: int, interleaved: bool):
+                 pieces: list[StageGraph], router: OutputRouter, batched_inputs: list[bool], rank: int,
+                 world: int, device: torch.device, replica: int, in_call: bool):
         self.deployment = deployment
         self.placement = placement
         self.runtime = runtime
@@ -49,16 +50,31 @@ class Engine:
         self.world = world
         self.device = device
         self.replica = replica
-        self.interleaved = interleaved      # 1F1B: backwards run inside the call (one scalar output only)
+        self.in_call = in_call              # backwards run inside the call (one scalar output only)
         self.reducer = None
         if runtime is not None and world > 1:
             stage_ranks = deployment.stages[deployment.stage_of_rank(rank)].ranks
-            self.reducer = grad_ops.OverlappedAllReduce(placement, runtime.stage.parameters(), stage_ranks)
-        self.synced_buffers = self._replicated_buffers(stage)
+            self.reducer = grad_ops.OverlappedAllReduce(placement, runtime.parameters(), stage_ranks)
+        self.synced_buffers = self._replicated_buffers(pieces)
         self.unreduced = False              # local gradients hold parts not yet summed over holders
         self._anchor = torch.zeros((), requires_grad=True)
         self._pending: tuple | None = None  # (batch, local rows, local, flags) of the last grad-mode call
-        self._interleaved_before: dict | None = None
+        self._call_grads: dict | None = None   # gradients an in-call schedule's backwards left (d(loss) = 1)
+        self._call_delay = False
+        self._actions, self._forwards, self._backwards = self._schedule_lists()
+
+    def _schedule_lists(self) -> tuple[list[Action], list[Action], list[Action]]:
+        """This rank's whole list of the schedule, its forwards alone (calls without grad, and GPipe's call),
+        and GPipe's backwards (run by loss.backward())."""
+        deployment = self.deployment
+        physical = deployment.stage_of_rank(self.rank)
+        if physical is None:
+            return [], [], []
+        depth, m = deployment.pipeline_depth, deployment.microbatch_count
+        if not self.in_call:
+            return [], gpipe_forward(m), gpipe_backward(m)
+        actions = get_schedule(deployment.schedule)(depth, m, deployment.virtual_stages)[physical]
+        return actions, [a for a in actions if a.kind == "F"], []
 
     # ---- forward -------------------------------------------------------------------------------------
     def run(self, batch_args: list[torch.Tensor], local: bool, gather_inputs: bool, train: bool, dropout: bool,
@@ -85,11 +101,10 @@ class Engine:
             self.runtime.keep_graph = flags_now.keep_graph
             self.runtime.clear()
             with dropout_active(dropout), train_mode(train):
-                if grad and self.interleaved:
-                    results = self._run_interleaved(my_chunks, batch_args, key, flags_now)
+                if grad and self.in_call:
+                    results = self._run_in_call(my_chunks, batch_args, key, flags_now)
                 else:
-                    results = self.runtime.run_forward(gpipe_forward(deployment.microbatch_count), my_chunks,
-                                                       batch_args, key)
+                    results = self.runtime.run_actions(self._forwards, my_chunks, batch_args, key)
         if train and self.synced_buffers:
             self._average_buffers()
         leaves = self.router.collect(results, batch, local_rows, local)
@@ -98,21 +113,26 @@ class Engine:
         self._pending = (batch, local_rows, local, flags)
         return list(PipelineOutputs.apply(self._anchor, self._backward, *leaves))
 
-    def _run_interleaved(self, chunks, batch_args, key, flags: CallFlags):
-        """1F1B: backwards run inside the call with d(loss) = 1; the gradients of this call are kept apart
-        from earlier ones so that loss.backward(g) can scale them by g (gradients are linear in g)."""
+    def _run_in_call(self, chunks, batch_args, key, flags: CallFlags):
+        """Schedules other than GPipe run the backwards inside the call with d(loss) = 1, summed over holders
+        as they go (unless delayed). This call's gradients are then held apart, and p.grad restored to what
+        it was, until loss.backward(g) adds them scaled by g (gradients are linear in g): a forward in grad
+        mode never followed by a backward leaves the gradients as they were."""
         if flags.keep_graph:
-            raise ValueError("keep_graph(True) needs schedule='gpipe': 1F1B frees each micro-batch's graph as it goes")
-        deployment = self.deployment
-        self._interleaved_before = self._set_aside_grads()
-        self._interleaved_delay = flags.delay_grad_allreduce
-        stage = deployment.stage_of_rank(self.rank)
-        actions = one_f_one_b(stage, len(deployment.stages), deployment.microbatch_count)
+            raise ValueError(f"keep_graph(True) needs schedule='gpipe': {self.deployment.schedule} frees each "
+                             f"micro-batch's graph as it goes")
+        before = self._set_aside_grads()
         ones = torch.ones((), dtype=torch.float32, device=self.device)
-        output_grads = self.router.gradients([ones], deployment.batch_size, 0, False)
-        return self._reducing_gradients(
-            lambda: self.runtime.run_actions(actions, chunks, batch_args, key, output_grads),
-            flags.delay_grad_allreduce, flags.keep_graph)
+        output_grads = self.router.gradients([ones], self.deployment.batch_size, 0, False)
+        try:
+            results = self._reducing_gradients(
+                lambda: self.runtime.run_actions(self._actions, chunks, batch_args, key, output_grads),
+                flags.delay_grad_allreduce, flags.keep_graph)
+            self._call_grads = self._set_aside_grads()
+            self._call_delay = flags.delay_grad_allreduce
+        finally:
+            _add_back(before)
+        return results
 
     # ---- backward ------------------------------------------------------------------------------------
     @faults.guarded("backward")
@@ -123,9 +143,8 @@ class Engine:
         flags = flags_fn()
         if not flags.keep_graph:
             self._pending = None
-        before = self._interleaved_before
-        if before is not None:
-            self._finish_interleaved(before, grads)
+        if self.in_call:
+            self._finish_in_call(grads)
             return
         delay = flags.delay_grad_allreduce
         output_grads = self.router.gradients(grads, batch, local_rows, local)
@@ -135,30 +154,29 @@ class Engine:
 
         def run_backwards():
             if self.runtime is not None:
-                self.runtime.run_backward(gpipe_backward(self.deployment.microbatch_count), output_grads)
+                self.runtime.run_actions(self._backwards, [], [], (), output_grads)
 
         self._reducing_gradients(run_backwards, delay, flags.keep_graph)
         _add_back(reduced_before)
         self.unreduced = delay
 
-    def _finish_interleaved(self, before: dict, grads: list) -> None:
-        """1F1B: the backwards already ran with d(loss) = 1 (and were summed unless delayed); apply the real
-        d(loss) and restore the earlier gradients, summing them too if they were left unsummed."""
-        self._interleaved_before = None
+    def _finish_in_call(self, grads: list) -> None:
+        """The call's backwards already ran with d(loss) = 1 (summed unless delayed): add their gradients
+        scaled by the real d(loss), first summing the earlier gradients if they were left unsummed and this
+        call was not delayed."""
+        call, self._call_grads = self._call_grads, None
+        if call is None:
+            return        # an idle rank (no pieces): nothing ran
         g = grads[self.router.scalars[0]]
-        if g is not None and g.item() != 1.0:
-            current = [p.grad for p in self.placement.local_parameters() if p.grad is not None]
-            if current:
-                torch._foreach_mul_(current, g.to(current[0].device, current[0].dtype))
-        delay = self._interleaved_delay  # the call summed (or not) under the switch it saw
-        if not delay and self.unreduced and before:
-            current = self._set_aside_grads()
-            _add_back(before)
+        if g is None:
+            call = {}     # the loss got no gradient: its backwards contribute nothing
+        elif call:
+            current = list(call.values())
+            torch._foreach_mul_(current, g.to(current[0].device, current[0].dtype))
+        if not self._call_delay and self.unreduced:
             grad_ops.allreduce_grads(self.placement)
-            _add_back(current)
-        else:
-            _add_back(before)
-        self.unreduced = delay
+        _add_back(call)
+        self.unreduced = self._call_delay
 
     def _reducing_gradients(self, run_backwards, delay: bool, keep_graph: bool):
         """Run the backward actions with the gradient all-reduce overlapping them (or after them, or not
@@ -192,13 +210,12 @@ class Engine:
         return before
 
     # ---- buffers -------------------------------------------------------------------------------------
-    def _replicated_buffers(self, stage: StageGraph | None) -> list[tuple[tuple[int, ...], torch.Tensor]]:
-        """Floating-point buffers this stage writes that other ranks hold too (BatchNorm statistics of a
-        replicated stage): averaged after every training call so that every holder keeps the same values."""
-        if stage is None:
-            return []
+    def _replicated_buffers(self, pieces: list[StageGraph]) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """Floating-point buffers this rank's pieces write that other ranks hold too (BatchNorm statistics
+        of a replicated stage): averaged after every training call so that every holder keeps the same values."""
         out = []
-        for t in stage.mutated_buffers():
+        written = {id(t): t for piece in pieces for t in piece.mutated_buffers()}
+        for t in written.values():
             holders = self.placement.holders_of(t)
             if t.is_floating_point() and len(holders) > 1:
                 out.append((holders, t))

@@ -1,6 +1,7 @@
-"""The executor of one rank's stage: runs a schedule's actions, receiving the values crossing the
-stage's first cut from the previous stage's rank and sending those crossing its last cut (or, on the
-last stage, accumulating the loss), then runs the backward actions with gradients flowing the other way.
+"""The executor of one rank's part of the pipeline: runs a schedule's actions on the rank's pieces of the
+model, receiving the values crossing a piece's first cut from the rank running the piece before it and
+sending those crossing its last cut (or, on the model's last piece, handing the outputs back), and runs the
+backward actions with gradients flowing the other way.
 
 Shapes and dtypes of the values sent depend on the micro-batch size and on autocast; the sender sends
 them once per such combination as a small header, and both sides cache it.
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from rannc.graph.dropout import recomputing
 from rannc.graph.stage import StageGraph
 from rannc.runtime.chunks import Chunk
+from rannc.runtime.split_backward import WeightGradient, backward_input
 from rannc.schedule import Action
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -44,96 +46,114 @@ class _ValueMeta:
 
 
 @dataclass
-class StageRuntime:
-    """One rank's part of the pipeline."""
+class Piece:
+    """One contiguous piece of the model this rank runs (its virtual stage `index`), and its neighbours."""
 
     stage: StageGraph
-    batched_inputs: list[bool]
-    device: torch.device
-    prev_rank: int | None
+    prev_rank: int | None          # the rank running the piece before this one (None: the model's first)
     next_rank: int | None
     recompute: bool
+
+    def __post_init__(self) -> None:
+        self.params = self.stage.parameters()
+
+
+@dataclass
+class StageRuntime:
+    """One rank's part of the pipeline: its pieces (one unless the schedule has virtual stages) and the one
+    entry point that runs any schedule's list of actions."""
+
+    pieces: list[Piece]
+    batched_inputs: list[bool]
+    device: torch.device
     keep_graph: bool = False
+    forward_group: object = None   # process groups of the forward values and of the gradients (None: the
+    gradient_group: object = None  # default one; two when a pair of ranks exchanges both ways: virtual stages)
     trace: list | None = None      # Chrome trace events (host-side times) when trace_events is on
     trace_pid: int = 0
     _recv_meta: dict = field(default_factory=dict)
     _sent_meta: set = field(default_factory=set)
-    _saved: dict[int, _Saved] = field(default_factory=dict)
+    _saved: dict[tuple[int, int], _Saved] = field(default_factory=dict)
+    _weights: dict[tuple[int, int], WeightGradient] = field(default_factory=dict)
     _pending_sends: list = field(default_factory=list)
 
-    # ---- forward -------------------------------------------------------------------------------------
-    def run_forward(self, actions: list[Action], chunks: list[Chunk], inputs: list[torch.Tensor],
-                    key: tuple) -> list[tuple[Chunk, tuple]]:
-        """Run forward actions; returns (chunk, outputs) of the last stage's micro-batches."""
-        results: list[tuple[Chunk, tuple]] = []
-        for action in actions:
-            self._forward_one(action, chunks, inputs, key, results)
-        self.wait_sends()
-        return results
+    @property
+    def stage(self) -> StageGraph:
+        """The first piece (the only one without virtual stages)."""
+        return self.pieces[0].stage
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of all pieces, each once."""
+        return list({id(p): p for piece in self.pieces for p in piece.params}.values())
 
     def run_actions(self, actions: list[Action], chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
-                    output_grads: OutputGrads) -> list[tuple[Chunk, tuple]]:
-        """Run an interleaved schedule (1F1B): forwards and backwards in the given order, the backwards with
-        the last stage's output gradients from `output_grads`. Sends are asynchronous, so neighbours never
-        wait on each other's sends."""
+                    output_grads: OutputGrads | None = None) -> list[tuple[Chunk, tuple]]:
+        """Run a schedule's actions in order: forwards (F), backwards (B) or a backward split into input
+        (BI) and weight (BW) gradients. The last piece's backwards take its outputs' gradients from
+        `output_grads(outputs, chunk)` (None where an output has none). Returns (chunk, outputs) of the last
+        piece's forwards. Sends are asynchronous, so neighbours never wait on each other's sends."""
         results: list[tuple[Chunk, tuple]] = []
         for action in actions:
+            started = time.perf_counter()
             if action.kind == "F":
                 self._forward_one(action, chunks, inputs, key, results)
+            elif action.kind == "BW":
+                self._weights.pop((action.microbatch, action.stage)).run()
             else:
                 self._backward_one(action, output_grads)
+            self._record(action, started)
         self.wait_sends()
         return results
 
+    # ---- forward -------------------------------------------------------------------------------------
     def _forward_one(self, action: Action, chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
                      results: list) -> None:
-        started = time.perf_counter()
+        piece = self.pieces[action.stage]
         grad = torch.is_grad_enabled()
         chunk = chunks[action.microbatch]
-        mb_key = (chunk.rows,) + key
-        received = self._receive_values(mb_key, grad)
+        mb_key = (action.stage, chunk.rows) + key
+        received = self._receive_values(piece, mb_key, grad)
         args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
-                           for i in self.stage.inputs]
-        if self.recompute and grad:
-            outputs = checkpoint(_first_run_then_recompute(self.stage.module), *args, use_reentrant=False)
+                           for i in piece.stage.inputs]
+        if piece.recompute and grad:
+            outputs = checkpoint(_first_run_then_recompute(piece.stage.module), *args, use_reentrant=False)
         else:
-            outputs = self.stage.module(*args)
-        if self.stage.is_last:
+            outputs = piece.stage.module(*args)
+        if piece.stage.is_last:
             results.append((chunk, outputs))
         else:
-            self._send_values(mb_key, outputs)
+            self._send_values(piece, mb_key, outputs)
         if grad:
-            self._saved[action.microbatch] = _Saved(received, outputs, chunk)
-        self._record(action, started)
+            self._saved[action.microbatch, action.stage] = _Saved(received, outputs, chunk)
 
-    def _receive_values(self, mb_key: tuple, grad: bool) -> list[torch.Tensor]:
-        if not self.stage.received:
+    def _receive_values(self, piece: Piece, mb_key: tuple, grad: bool) -> list[torch.Tensor]:
+        if not piece.stage.received:
             return []
         metas = self._recv_meta.get(mb_key)
         if metas is None:
-            header = torch.empty(len(self.stage.received), _HEADER, dtype=torch.int64, device=self.device)
-            dist.recv(header, self.prev_rank)
+            header = torch.empty(len(piece.stage.received), _HEADER, dtype=torch.int64, device=self.device)
+            dist.recv(header, piece.prev_rank, group=self.forward_group)
             metas = [_decode(row) for row in header.tolist()]
             self._recv_meta[mb_key] = metas
         values = []
         for meta in metas:
             buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            dist.recv(buf, self.prev_rank)
+            dist.recv(buf, piece.prev_rank, group=self.forward_group)
             if grad and meta.requires_grad:
                 buf.requires_grad_(True)
             values.append(buf)
         return values
 
-    def _send_values(self, mb_key: tuple, outputs: tuple) -> None:
+    def _send_values(self, piece: Piece, mb_key: tuple, outputs: tuple) -> None:
         if mb_key not in self._sent_meta:
             header = torch.tensor([_encode(o) for o in outputs], dtype=torch.int64, device=self.device)
-            self._isend(header, self.next_rank)
+            self._isend(header, piece.next_rank, self.forward_group)
             self._sent_meta.add(mb_key)
         for o in outputs:
-            self._isend(o.detach().contiguous(), self.next_rank)
+            self._isend(o.detach().contiguous(), piece.next_rank, self.forward_group)
 
-    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
-        self._pending_sends.append((dist.isend(tensor, dst), tensor))
+    def _isend(self, tensor: torch.Tensor, dst: int, group) -> None:
+        self._pending_sends.append((dist.isend(tensor, dst, group=group), tensor))
 
     def wait_sends(self) -> None:
         for work, _ in self._pending_sends:
@@ -141,44 +161,42 @@ class StageRuntime:
         self._pending_sends.clear()
 
     # ---- backward ------------------------------------------------------------------------------------
-    def run_backward(self, actions: list[Action], output_grads: OutputGrads) -> None:
-        """Run backward actions; on the last stage `output_grads(outputs, chunk)` gives the gradient of each
-        of a micro-batch's outputs (None where there is none)."""
-        for action in actions:
-            self._backward_one(action, output_grads)
-        self.wait_sends()
-
-    def _backward_one(self, action: Action, output_grads: OutputGrads) -> None:
-        started = time.perf_counter()
-        saved = self._saved.pop(action.microbatch, None)
+    def _backward_one(self, action: Action, output_grads: OutputGrads | None) -> None:
+        """B: the whole backward of one micro-batch on one piece; BI: only its inputs' gradients, leaving
+        the weights' part for the BW that follows later."""
+        piece = self.pieces[action.stage]
+        where = (action.microbatch, action.stage)
+        saved = self._saved.pop(where, None)
         if saved is None:
             raise RuntimeError("loss.backward() was called twice for one forward (or without a forward "
                                "in grad mode); use rannc.keep_graph(True) to keep the graph")
-        if self.stage.is_last:
-            tensors, grads = [], []
+        tensors, grads = [], []
+        if piece.stage.is_last:
             for o, g in zip(saved.outputs, output_grads(saved.outputs, saved.chunk)):
                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
                     tensors.append(o)
                     grads.append(g.to(o.device, o.dtype).reshape(o.shape))
         else:
-            tensors, grads = [], []
             for o in saved.outputs:
                 if o.requires_grad:
                     g = torch.empty_like(o, memory_format=torch.contiguous_format)
-                    dist.recv(g, self.next_rank)
+                    dist.recv(g, piece.next_rank, group=self.gradient_group)
                     tensors.append(o)
                     grads.append(g)
-        if tensors:
-            torch.autograd.backward(tensors, grads[:len(tensors)], retain_graph=self.keep_graph)
-        if self.keep_graph:
-            self._saved[action.microbatch] = saved
-        for r in saved.received:
-            if r.requires_grad:
-                g = r.grad if r.grad is not None else torch.zeros_like(r)
-                self._isend(g.contiguous(), self.prev_rank)
-                if self.keep_graph:
+        senders = [r for r in saved.received if r.requires_grad]
+        if action.kind == "BI":
+            input_grads, self._weights[where] = backward_input(tensors, grads, senders, piece.params)
+        else:
+            if tensors:
+                torch.autograd.backward(tensors, grads, retain_graph=self.keep_graph)
+            input_grads = [r.grad for r in senders]
+            if self.keep_graph:
+                self._saved[where] = saved
+                for r in senders:
                     r.grad = None
-        self._record(action, started)
+        for r, g in zip(senders, input_grads):
+            self._isend((g if g is not None else torch.zeros_like(r)).contiguous(), piece.prev_rank,
+                        self.gradient_group)
 
     def _record(self, action: Action, started: float) -> None:
         if self.trace is not None:
@@ -187,6 +205,7 @@ class StageRuntime:
 
     def clear(self) -> None:
         self._saved.clear()
+        self._weights.clear()
 
 
 def _first_run_then_recompute(module):

@@ -1,0 +1,104 @@
+"""Every pipeline schedule trains exactly like single-process training (fp32, dropout off, the same global
+batch): losses, gradients after each backward, parameters after several optimizer steps, and evaluation
+under torch.no_grad(); with the tied embedding of the tiny BERT on different ranks, gradient accumulation
+with a delayed and with an immediate all-reduce, and a forward in grad mode never followed by a backward
+(it must leave the gradients as they were)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import models
+from distributed import run_ranks
+
+BATCH = 24
+RTOL = 1e-5
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1), ("interleaved_1f1b", 2)]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / (b.abs().max().item() + 1e-3)
+
+
+def _train(rank, world, name, stages, schedule, virtual, accumulation, delay):
+    """Train a RaNNCModule and the plain model side by side for 3 steps; return the largest relative
+    differences of losses, gradients, parameters and evaluation losses, and the pieces per rank."""
+    import rannc
+
+    torch.manual_seed(1234)
+    model = models.make(name)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3)
+    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, eps=1e-3)
+    wrapped = rannc.RaNNCModule(model, optimizer, partition_num=stages, schedule=schedule, virtual_stages=virtual,
+                                min_pipeline=4, max_pipeline=4)
+    names = [n for n, _ in reference.named_parameters()]
+    errors = {"loss": 0.0, "grad": 0.0, "param": 0.0, "eval": 0.0, "lone forward": 0.0}
+    rannc.delay_grad_allreduce(delay)
+    for step in range(3):
+        for micro in range(accumulation):
+            batch = models.global_batch(name, BATCH, seed=10 * step + micro)
+            local = models.local_part(batch, rank, world)
+            if step == 1 and micro == accumulation - 1:
+                # a forward in grad mode that no backward follows: gradients must stay as they were
+                before = [wrapped.get_param_grad(n) for n in names]
+                wrapped(*local)
+                after = [wrapped.get_param_grad(n) for n in names]
+                for b, a in zip(before, after):
+                    if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                        errors["lone forward"] = 1.0
+            loss = wrapped(*local)
+            (loss / accumulation).backward()
+            ref_loss = reference(*batch)
+            (ref_loss / accumulation).backward()
+            errors["loss"] = max(errors["loss"], abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
+        if delay:
+            wrapped.allreduce_grads()
+        for n, p in reference.named_parameters():
+            errors["grad"] = max(errors["grad"], _relative(wrapped.get_param_grad(n), p.grad))
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+    rannc.delay_grad_allreduce(False)
+    state = wrapped.state_dict(sync_all_ranks=True)
+    for key, value in reference.state_dict().items():
+        errors["param"] = max(errors["param"], _relative(state[key], value))
+    with torch.no_grad():
+        batch = models.global_batch(name, BATCH, seed=99)
+        loss, ref_loss = wrapped(*models.local_part(batch, rank, world)), reference(*batch)
+        errors["eval"] = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    deployment = wrapped.deployment
+    shape = (deployment.schedule, deployment.pipeline_depth, deployment.virtual_stages, deployment.replicas)
+    return errors, shape
+
+
+def _matrix(rank, world, cases):
+    return [(case, _train(rank, world, *case)) for case in cases]
+
+
+def _check(results, world):
+    for case, (errors, shape) in results[0]:
+        name, stages, schedule, virtual = case[:4]
+        assert shape[:3] == (schedule, stages, virtual), f"{case}: planned {shape}"
+        for what, err in errors.items():
+            assert err < RTOL, f"{case} on {world} ranks: {what} differs by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("world,stages", [(2, 2), (3, 3), (4, 2)])
+def test_every_schedule_matches_single_process(world, stages):
+    """The tiny BERT (embedding tied to the decoder) under each schedule, without accumulation; at 4 ranks
+    two replicas of a 2-stage pipeline."""
+    cases = [("bert", stages, schedule, virtual, 1, False) for schedule, virtual in SCHEDULES]
+    _check(run_ranks(_matrix, world, cases, timeout=600), world)
+
+
+@pytest.mark.parametrize("delay", [True, False])
+def test_every_schedule_accumulates_like_single_process(delay):
+    """Two backwards per step, summed over replicas once at the end (delay) or after each (no delay)."""
+    cases = [("skip", 2, schedule, virtual, 2, delay) for schedule, virtual in SCHEDULES if schedule != "gpipe"]
+    _check(run_ranks(_matrix, 4, cases, timeout=600), 4)
