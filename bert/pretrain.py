@@ -230,11 +230,12 @@ def resumed_deployment(checkpoint: dict, args: argparse.Namespace, rank: int, wo
     if not text:
         return None
     deployment = rannc.Deployment.from_json(text)
-    stages = args.partition_num or len(deployment.stages)
-    if (deployment.world_size, deployment.batch_size, len(deployment.stages)) != (world_size, call_batch_size, stages):
+    depth = deployment.pipeline_depth
+    stages = args.partition_num or depth
+    if (deployment.world_size, deployment.batch_size, depth) != (world_size, call_batch_size, stages):
         if rank == 0:
             print(f"note: the checkpoint's plan was made for {deployment.world_size} process(es), batch "
-                  f"{deployment.batch_size} per call and {len(deployment.stages)} stage(s); this run has "
+                  f"{deployment.batch_size} per call and {depth} stage(s); this run has "
                   f"{world_size}, {call_batch_size} and --partition_num {args.partition_num}: planning anew",
                   flush=True)
         return None
@@ -314,7 +315,7 @@ def remove_old_checkpoints(args: argparse.Namespace, newest: int) -> None:
 # ---- one optimizer step -----------------------------------------------------------------------------------
 def rannc_plan(model: rannc.RaNNCModule) -> dict:
     plan = model.deployment
-    return {"stages": len(plan.stages), "replicas": plan.replicas, "microbatches": plan.microbatch_count}
+    return {"stages": plan.pipeline_depth, "replicas": plan.replicas, "microbatches": plan.microbatch_count}
 
 
 def rank_device() -> torch.device:

@@ -118,6 +118,10 @@ class RannConfig:
         default=1, metadata={"help": "model pieces per pipeline rank (interleaved_1f1b): each rank runs "
                                      "virtual_stages non-adjacent pieces, shrinking the bubble by that factor "
                                      "for as many more transfers"})
+    stage_replicas: str = dataclasses.field(
+        default="", metadata={"help": "replica count per pipeline stage, e.g. '1,2' (forces that many stages; "
+                                      "ranks beyond their sum stay idle); empty: the planner chooses, unequal "
+                                      "counts included where the stage count does not divide the processes"})
     recompute: str = dataclasses.field(
         default="auto", metadata={"help": "activation recomputation per stage: auto (where memory needs it), "
                                           "always, never"})

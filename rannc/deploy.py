@@ -22,7 +22,7 @@ from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
 from rannc.graph.signature import CallSignature
-from rannc.graph.stage import build_stage
+from rannc.graph.stage import ROWS_NONE, build_stage, row_cuts
 from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import plan, profile_sizes, rows_within
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
@@ -135,7 +135,8 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
     if config.load_deployment:
         deployment = Deployment.load(config.deployment_file)
         deployment.check_fits(captured.fingerprint, plan_world, batch_size, config.deployment_file)
-        if not rows_within(batch_size, deployment.replicas, deployment.microbatch_count, captured.batch_range):
+        if not all(rows_within(batch_size, s.replicas, deployment.microbatch_count, captured.batch_range)
+                   for s in deployment.stages):
             raise DeploymentError(f"the deployment in {config.deployment_file} cuts micro-batches outside the "
                                   f"{captured.batch_range} rows the model's graph holds for (it branches on its "
                                   f"batch size); plan anew")
@@ -155,7 +156,7 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
     logger.info("Profiling finished")
     logger.info("Assuming batch size: %d", batch_size)
     return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint, captured.batch_range,
-                in_call_ok=captured.outputs.kinds == ["scalar"])
+                in_call_ok=captured.outputs.kinds == ["scalar"], row_cuts=row_cuts(captured, lin, blocks.bounds))
 
 
 def _install(model, captured, lin, deployment: Deployment, named: dict, optimizer_patch, config: RannConfig,
@@ -171,15 +172,16 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
                 t.copy_(buf.to(t.device))
     placement = Placement(stages, deployment, rank, named)
     placement.place(device)
-    runtime, replica = None, 0
+    runtime = None
     forward_group = gradient_group = None
     if deployment.virtual_stages > 1:   # a pair of ranks exchanges values and gradients both ways
         forward_group, gradient_group = dist.new_group(), dist.new_group()
+    _check_cuts(deployment, stages)
     pieces = deployment.pieces_of_rank(rank)
     if pieces:
-        replica = deployment.stages[pieces[0]].ranks.index(rank)
-        runtime = StageRuntime([_piece(deployment, stages, c, replica) for c in pieces], captured.batched_inputs,
-                               device, forward_group=forward_group, gradient_group=gradient_group)
+        runtime = StageRuntime([Piece(stages[c], deployment.stages[c].recompute) for c in pieces],
+                               captured.batched_inputs, device, forward_group=forward_group,
+                               gradient_group=gradient_group)
         if config.trace_events:
             runtime.trace, runtime.trace_pid = [], rank
             atexit.register(save_trace)
@@ -199,18 +201,25 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
         in_call = False
     router = OutputRouter(outputs, rank, world_size, device, config.gather_inputs)
     engine = Engine(deployment, placement, runtime, [stages[c] for c in pieces], router, captured.batched_inputs,
-                    rank, world_size, device, replica, in_call)
+                    rank, world_size, device, in_call)
     if engine.reducer is not None:
         model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
     return placement, engine
 
 
-def _piece(deployment: Deployment, stages: list, index: int, replica: int) -> Piece:
-    """Piece `index` of the model as this rank (replica `replica` of its stage) runs it."""
-    plan = deployment.stages[index]
-    prev_rank = deployment.stages[index - 1].ranks[replica] if index > 0 else None
-    next_rank = deployment.stages[index + 1].ranks[replica] if index + 1 < len(stages) else None
-    return Piece(stages[index], prev_rank, next_rank, plan.recompute)
+def _check_cuts(deployment: Deployment, stages: list) -> None:
+    """Between stages of different replica counts values are cut by rows: each must hold the batch in its
+    first dimension (one row per sample) or not depend on the batch at all."""
+    for c in range(1, len(stages)):
+        if deployment.stages[c - 1].replicas == deployment.stages[c].replicas:
+            continue
+        for name, factor in zip(stages[c].received, stages[c].received_rows):
+            if factor not in (ROWS_NONE, 1):
+                raise DeploymentError(
+                    f"stages {c - 1} and {c} have {deployment.stages[c - 1].replicas} and "
+                    f"{deployment.stages[c].replicas} replicas, so the values between them are cut by rows, but "
+                    f"value '{name}' does not hold one row per sample in its first dimension; give the stages "
+                    f"equal replica counts or cut the model elsewhere")
 
 
 def _parameter_dtype(captured: CapturedGraph) -> torch.dtype:
@@ -252,7 +261,7 @@ def plan_dry_run(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], wor
     t1 = time.perf_counter()
     profile = estimate_profiles(captured, lin, blocks, device, activation_bytes_per_element)
     deployment = plan(profile, blocks, world_size, batch_size, config, captured.fingerprint,
-                      in_call_ok=captured.outputs.kinds == ["scalar"])
+                      in_call_ok=captured.outputs.kinds == ["scalar"], row_cuts=row_cuts(captured, lin, blocks.bounds))
     log(f"estimated profiles and planned for {world_size} x {device.name} in {time.perf_counter() - t1:.1f} s "
         f"({deployment.candidates_considered} candidate plans priced)")
     return deployment

@@ -93,7 +93,7 @@ def test_one_f_one_b_plans_with_less_activation_memory():
 def test_chunks_cover_the_batch_with_weights_summing_to_one():
     chunks = split_batch(10, 2, 2)
     rows = [(c.start, c.stop) for m in chunks for c in m]
-    assert rows == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert rows == [(0, 3), (3, 5), (5, 8), (8, 10)]   # 2 micro-batches of 5 rows, each cut in 2
     assert abs(sum(c.weight for m in chunks for c in m) - 1.0) < 1e-12
 
 
@@ -218,3 +218,19 @@ def test_virtual_stages_cut_the_model_into_pieces_placed_round_robin(tmp_path):
     with pytest.raises(PlanningError, match="exceeds"):
         plan(profile, _bounds(8), 8, 64, RannConfig(schedule="interleaved_1f1b", virtual_stages=2, partition_num=5),
              "f")
+
+
+def test_unequal_replicas_give_every_rank_work():
+    """3 devices and 2 stages: the planner searches 1 + 2 and 2 + 1 replicas (RaNNC's unequal replica counts),
+    so no rank sits idle when a pipeline is needed; a forced vector places ranks in stage order."""
+    profile = _profile(blocks=8, param_bytes=10**7)
+    items = dict(partition_num=2, min_pipeline=4, max_pipeline=4, mem_margin=0.0)
+    d = plan(profile, _bounds(8), 3, 64, RannConfig(**items), "f")
+    assert sorted(len(s.ranks) for s in d.stages) == [1, 2]
+    assert sorted(r for s in d.stages for r in s.ranks) == [0, 1, 2]
+    assert "replicas=" in d.table() and ("replicas=1,2" in d.table() or "replicas=2,1" in d.table())
+    forced = plan(profile, _bounds(8), 4, 64, RannConfig(stage_replicas="2,1,1", min_pipeline=4, max_pipeline=4,
+                                                         mem_margin=0.0), "f")
+    assert [s.ranks for s in forced.stages] == [[0, 1], [2], [3]]
+    with pytest.raises(PlanningError, match="stage_replicas"):
+        plan(profile, _bounds(8), 3, 64, RannConfig(stage_replicas="2,2"), "f")

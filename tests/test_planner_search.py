@@ -49,29 +49,37 @@ def _random_profile(rng: random.Random, blocks: int, memory: float) -> ProfileSe
 
 
 def _brute_force(profile: ProfileSet, world: int, batch: int, config: RannConfig) -> list[planner.Candidate]:
+    """Every split of every (stage count, replicas, micro-batch count), and of every unequal replica vector the
+    planner searches, priced by the same cost model."""
     costs = CostModel(profile, config.opt_param_factor, config.recompute, config.schedule,
                       accumulate_grads=config.accumulate_grads)
     cap = planner.memory_cap(profile, config)
     n = len(profile.blocks)
+    shapes = [((replicas,) * s, m) for (replicas, m), counts in planner.space(config, world, n, batch).items()
+              for s in counts]
+    shapes += [(vector, m) for vector in planner.replica_vectors(config, world, n)
+               for m in planner.microbatch_candidates(config, batch, max(vector))]
     found = []
-    for (replicas, m), counts in planner.space(config, world, n, batch).items():
-        table = costs.table(replicas, planner.microbatch_size(batch, replicas, m))
-        for s in counts:
-            best = None
-            for cuts in itertools.combinations(range(1, n), s - 1):
-                bounds = (0, *cuts, n)
-                ranges = list(zip(bounds, bounds[1:]))
-                slots = [table.choose(in_flight(config.schedule, k, s, m), cap)[0][i, j]
-                         for k, (i, j) in enumerate(ranges)]
-                if not all(np.isfinite(slots)):
-                    continue
-                value = step_ms(max(slots), max(table.tail[i, j] for i, j in ranges), s, m)
-                if best is None or value < best[0]:
-                    best = (value, ranges)
-            if best is not None:
-                stage_costs = [table.stage(i, j, in_flight(config.schedule, k, s, m), cap)
-                               for k, (i, j) in enumerate(best[1])]
-                found.append(planner.Candidate(best[0], s, replicas, m, table.samples, best[1], stage_costs))
+    for vector, m in shapes:
+        s = len(vector)
+        tables = [costs.table(r, planner.microbatch_size(batch, r, m)) for r in vector]
+        best = None
+        for cuts in itertools.combinations(range(1, n), s - 1):
+            bounds = (0, *cuts, n)
+            ranges = list(zip(bounds, bounds[1:]))
+            slots = [tables[k].choose(in_flight(config.schedule, k, s, m), cap)[0][i, j]
+                     for k, (i, j) in enumerate(ranges)]
+            if not all(np.isfinite(slots)):
+                continue
+            value = step_ms(max(slots), max(tables[k].tail[i, j] for k, (i, j) in enumerate(ranges)), s, m)
+            if best is None or value < best[0]:
+                best = (value, ranges)
+        if best is not None:
+            stage_costs = [tables[k].stage(i, j, in_flight(config.schedule, k, s, m), cap)
+                           for k, (i, j) in enumerate(best[1])]
+            unequal = vector if len(set(vector)) > 1 else None
+            found.append(planner.Candidate(best[0], s, vector[-1], m, tables[-1].samples, best[1], stage_costs,
+                                           stage_replicas=unequal))
     return found
 
 
@@ -100,15 +108,17 @@ def test_brute_force_finds_nothing_better(seed, blocks, world, schedule, recompu
     fastest = min(c.step_ms for c in exhaustive)
     assert deployment.predicted_step_ms <= fastest * (1 + planner.SIMPLER_PLAN_MARGIN) + 1e-9
     assert deployment.predicted_step_ms == pytest.approx(expected.step_ms, rel=1e-12)
-    assert (len(deployment.stages), deployment.replicas, deployment.microbatch_count) == (
-        expected.stage_count, expected.replicas, expected.microbatches)
+    assert ([s.replicas for s in deployment.stages], deployment.microbatch_count) == (
+        list(expected.stage_replicas or (expected.replicas,) * expected.stage_count), expected.microbatches)
     # every candidate the planner priced is the best split of its (stages, replicas, micro-batches)
     costs = CostModel(profile, config.opt_param_factor, config.recompute, config.schedule,
                       accumulate_grads=config.accumulate_grads)
     found, _ = planner.search(costs, world, batch, config, planner.memory_cap(profile, config))
-    by_key = {(c.stage_count, c.replicas, c.microbatches): c.step_ms for c in exhaustive}
+    def key(c):
+        return c.stage_replicas or (c.replicas,) * c.stage_count, c.microbatches
+    by_key = {key(c): c.step_ms for c in exhaustive}
     for c in found:
-        assert c.step_ms == pytest.approx(by_key[(c.stage_count, c.replicas, c.microbatches)], rel=1e-12)
+        assert c.step_ms == pytest.approx(by_key[key(c)], rel=1e-12)
 
 
 def test_held_activations_depend_only_on_the_distance_from_the_end():

@@ -4,8 +4,11 @@ values crossing its first cut and the model inputs it reads, returning the value
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import sympy
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -23,6 +26,8 @@ class StageGraph:
     inputs: list[int]         # indices of the model inputs this stage reads, in order
     sent: list[str]           # crossing values out, in order (or the model's flat outputs, if last)
     is_last: bool
+    received_rows: list[int] = dataclasses.field(default_factory=list)   # per received value: ROWS_* or k,
+    sent_rows: list[int] = dataclasses.field(default_factory=list)       # its first dim is k x the batch
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters())
@@ -54,6 +59,52 @@ class StageGraph:
     def named_tensors(self) -> list[tuple[str, object]]:
         """(attribute path, tensor) of `tensors()`; a plain tensor attribute of the model is a buffer here."""
         return list(self.module.named_parameters()) + list(self.module.named_buffers())
+
+
+ROWS_NONE = 0        # the value does not depend on the batch size: every replica holds all of it
+ROWS_OTHER = -1      # the batch size is in another dimension: the value cannot be cut by rows
+
+
+def row_factors(nodes: list, batch_exprs: list) -> list[int]:
+    """For each value, how its first dimension relates to the batch: k when it is k x the batch size (the
+    value's rows can be cut by sample), ROWS_NONE, or ROWS_OTHER (read from the traced symbolic shapes)."""
+    out = []
+    for node in nodes:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out.append(ROWS_NONE)
+            continue
+        exprs = [d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(d) for d in value.shape]
+        batch_in = [any(b in e.free_symbols for b in batch_exprs) for e in exprs]
+        factor = ROWS_NONE if not any(batch_in) else ROWS_OTHER
+        if batch_in[0]:
+            for b in batch_exprs:
+                ratio = sympy.simplify(exprs[0] / b)
+                if ratio.is_Integer and int(ratio) > 0 and not any(batch_in[1:]):
+                    factor = int(ratio)
+        out.append(factor)
+    return out
+
+
+def batch_symbols(captured: CapturedGraph) -> list:
+    """The symbols of the batch dimension in the captured graph (one per batched input, often one in all)."""
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for node, batched in zip(placeholders, captured.batched_inputs):
+        value = node.meta.get("val")
+        if batched and isinstance(value, torch.Tensor) and isinstance(value.shape[0], torch.SymInt):
+            expr = value.shape[0].node.expr
+            if expr.is_Symbol and expr not in found:
+                found.append(expr)
+    return found
+
+
+def row_cuts(captured: CapturedGraph, lin: Linearized, bounds: list[int]) -> list[bool]:
+    """For each block boundary, whether every value crossing it can be cut by rows (one row per sample in
+    its first dimension, or independent of the batch): where stages of different replica counts may meet."""
+    symbols = batch_symbols(captured)
+    return [all(f in (ROWS_NONE, 1) for f in row_factors(lin.crossing[b], symbols)) if b < lin.size else True
+            for b in bounds]
 
 
 def _in_place(target) -> bool:
@@ -119,5 +170,8 @@ def build_stage(captured: CapturedGraph, lin: Linearized, start: int, end: int) 
     outputs = tuple(lookup(n) if isinstance(n, fx.Node) else n for n in sent_nodes)
     graph.output(outputs)
     module = fx.GraphModule(captured.gm, graph, class_name=f"Stage_{start}_{end}")
+    symbols = batch_symbols(captured)
     return StageGraph(module=module, received=[n.name for n in received_nodes], inputs=input_indices,
-                      sent=[n.name if isinstance(n, fx.Node) else repr(n) for n in sent_nodes], is_last=is_last)
+                      sent=[n.name if isinstance(n, fx.Node) else repr(n) for n in sent_nodes], is_last=is_last,
+                      received_rows=row_factors(received_nodes, symbols),
+                      sent_rows=row_factors([] if is_last else sent_nodes, symbols))

@@ -126,7 +126,9 @@ class Deployment:
     def table(self) -> str:
         """The partition report, one line per stage, like RaNNC's DPStaging log."""
         pieces = f" virtual_stages={self.virtual_stages}" if self.virtual_stages > 1 else ""
-        lines = [f"Deployment: stages={self.pipeline_depth}{pieces} replicas={self.replicas} "
+        counts = [s.replicas for s in self.stages[:self.pipeline_depth]]
+        replicas = ",".join(map(str, counts)) if len(set(counts)) > 1 else str(self.replicas)
+        lines = [f"Deployment: stages={self.pipeline_depth}{pieces} replicas={replicas} "
                  f"micro-batches={self.microbatch_count} batch_size={self.batch_size} ranks={self.world_size} "
                  f"schedule={self.schedule} predicted_step={self.predicted_step_ms:.2f} ms "
                  f"bubble={self.bubble_fraction:.1%}"

@@ -15,6 +15,7 @@ does not flip plans.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -56,6 +57,7 @@ class Candidate:
     costs: list[StageCost]
     virtual_stages: int = 1
     schedule: str = "gpipe"
+    stage_replicas: tuple[int, ...] | None = None   # per stage, when they differ (else `replicas` each)
 
     @property
     def simplicity(self) -> tuple[int, int, int, int, int]:
@@ -149,14 +151,17 @@ def memory_cap(profile: ProfileSet, config: RannConfig) -> int:
 
 # ---- the search --------------------------------------------------------------------------------------------
 
-def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfig,
-           cap: int, batch_range: BatchRange = (1, None), in_call_ok: bool = True) -> tuple[list[Candidate], float]:
+def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfig, cap: int,
+           batch_range: BatchRange = (1, None), in_call_ok: bool = True,
+           row_cuts: list[bool] | None = None) -> tuple[list[Candidate], float]:
     """The best candidate of every (stage count, replicas, micro-batches) that may still win, and the smallest
     memory a stage needed where nothing fitted."""
     found: list[Candidate] = []
     best = math.inf
     smallest_need = math.inf
     for schedule, v in schedule_options(config, in_call_ok):
+        if config.stage_replicas:
+            break
         groups = space(config.replace(virtual_stages=v), world_size, costs.n, batch_size, batch_range)
         if schedule != SCHEDULE_ORDER[0]:   # one stage runs every schedule alike: priced once, as GPipe
             groups = {key: [s for s in counts if s > 1] for key, counts in groups.items()}
@@ -171,12 +176,74 @@ def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfi
             # with virtual stages a stage's held activations depend on the stage count: one search per count
             for searched in ([counts] if v == 1 else [[s] for s in counts]):
                 virtual = v if searched[0] > 1 else 1
-                results, need = _best_splits(costs, table, searched, microbatches, cap, best, schedule, virtual)
+                results, need = _best_splits(costs, [table], searched, microbatches, cap, best, schedule, virtual)
+                smallest_need = min(smallest_need, need)
+                for cand in results:
+                    found.append(cand)
+                    best = min(best, cand.step_ms)
+    # unequal replica counts per stage, after the equal ones so that their bound can skip most
+    for schedule, v in schedule_options(config, in_call_ok):
+        if v > 1:
+            continue
+        for vector in replica_vectors(config, world_size, costs.n):
+            for microbatches in microbatch_candidates(config, batch_size, max(vector)):
+                if not all(rows_within(batch_size, r, microbatches, batch_range) for r in set(vector)):
+                    continue
+                # the most replicas run the smallest micro-batches: a bound for every stage
+                bound = _group_bound(costs, (max(vector), microbatches), [len(vector)], batch_size)
+                if bound >= best * (1.0 + SIMPLER_PLAN_MARGIN):
+                    continue
+                tables = [costs.table(r, microbatch_size(batch_size, r, microbatches)) for r in reversed(vector)]
+                # a stage starting where the replica count changes must start at a boundary cut by rows
+                starts = [None if k == 0 or vector[k - 1] == vector[k] or row_cuts is None
+                          else np.asarray(row_cuts, dtype=bool) for k in reversed(range(len(vector)))]
+                results, need = _best_splits(costs, tables, [len(vector)], microbatches, cap, best, schedule,
+                                             starts=starts)
                 smallest_need = min(smallest_need, need)
                 for cand in results:
                     found.append(cand)
                     best = min(best, cand.step_ms)
     return found, smallest_need
+
+
+UNEQUAL_SPLITS_SEARCHED = 4    # per stage count: which stages get the extra replica, at most this many ways
+
+
+def replica_vectors(config: RannConfig, world_size: int, block_count: int) -> list[tuple[int, ...]]:
+    """Unequal replica counts per stage searched besides the equal ones: those given by `stage_replicas`, or
+    for every stage count that does not divide the devices, every rank given work (stages of q and q + 1
+    replicas; which stages get q + 1: every way if there are at most UNEQUAL_SPLITS_SEARCHED, else the first
+    stages or the last ones)."""
+    if config.stage_replicas:
+        vector = parse_stage_replicas(config.stage_replicas)
+        if sum(vector) > world_size or len(vector) > block_count:
+            raise PlanningError(f"stage_replicas={config.stage_replicas} needs {sum(vector)} processes and "
+                                f"{len(vector)} blocks; this run has {world_size} processes and the model "
+                                f"{block_count} blocks")
+        return [vector]
+    vectors = []
+    for s in stage_counts(config, world_size, block_count):
+        q, extra = divmod(world_size, s)
+        if s < 2 or extra == 0 or config.virtual_stages > 1:
+            continue
+        if math.comb(s, extra) <= UNEQUAL_SPLITS_SEARCHED:
+            ways = itertools.combinations(range(s), extra)
+        else:
+            ways = [tuple(range(extra)), tuple(range(s - extra, s))]
+        for larger in ways:
+            vectors.append(tuple(q + 1 if k in larger else q for k in range(s)))
+    return vectors
+
+
+def parse_stage_replicas(text: str) -> tuple[int, ...]:
+    """'1,2' -> (1, 2)."""
+    try:
+        vector = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        vector = ()
+    if not vector or min(vector) < 1:
+        raise PlanningError(f"stage_replicas must list one replica count >= 1 per stage, e.g. '1,2' (got {text!r})")
+    return vector
 
 
 def schedule_options(config: RannConfig, in_call_ok: bool = True) -> list[tuple[str, int]]:
@@ -194,17 +261,20 @@ def schedule_options(config: RannConfig, in_call_ok: bool = True) -> list[tuple[
 
 def _group_bound(costs: CostModel, key: tuple[int, int], counts: list[int], batch_size: int,
                  virtual_stages: int = 1) -> float:
-    """A lower bound on any plan of the group: the work of one replica spread evenly over S stages and no
-    stage faster than its slowest block, with the overhead calibration ignored (it only lowers costs)."""
+    """A lower bound on any plan of the group: the work of one replica spread evenly over S stages (the
+    whole model's range subtracts the most launch overheads, so no split's stages sum to less), no stage
+    faster than its slowest block, and the optimizer step and clipping spread evenly as the longest tail."""
     replicas, microbatches = key
     samples = microbatch_size(batch_size, replicas, microbatches)
-    blocks = costs.profile.blocks
-    single = [b.fwd_ms(samples) + b.bwd_ms(samples) for b in blocks]
-    total = sum(single) * MIN_STAGE_FRACTION
-    slowest = max(single) * MIN_STAGE_FRACTION
+    table = costs.table(replicas, samples)
+    n = costs.n
+    total = float(table.fwd[0, n] + table.bwd[0, n])
+    slowest = max(b.fwd_ms(samples) + b.bwd_ms(samples) for b in costs.profile.blocks) * MIN_STAGE_FRACTION
+    update = float(table.optimizer[0, n] + table.clip[0, n])
+
     def bound(s: int) -> float:
         v = virtual_stages if s > 1 else 1
-        return step_ms(max(total / (s * v), slowest), 0.0, s, microbatches, v)
+        return step_ms(max(total / (s * v), slowest), update / s, s, microbatches, v)
     return min(bound(s) for s in counts)
 
 
@@ -219,35 +289,44 @@ def _held(schedule: str, distance_from_end: int, microbatches: int, stage_count:
     return in_flight(schedule, physical, stage_count, microbatches, virtual_stages)
 
 
-def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microbatches: int, cap: int,
-                 best_so_far: float, schedule: str, virtual: int = 1) -> tuple[list[Candidate], float]:
+def _best_splits(costs: CostModel, tables: list[RangeTable], counts: list[int], microbatches: int, cap: int,
+                 best_so_far: float, schedule: str, virtual: int = 1,
+                 starts: list[np.ndarray | None] | None = None) -> tuple[list[Candidate], float]:
     """The best split for each stage count in `counts` (one count when `virtual` > 1: then the model is cut
-    into count x virtual pieces, each priced against its share cap / virtual of the device)."""
+    into count x virtual pieces, each priced against its share cap / virtual of the device). `tables[e]`
+    prices the piece at distance e from the model's end (one table for all but with unequal replicas)."""
     n = costs.n
+    if len(tables) == 1:
+        tables = tables * (max(counts) * virtual)
     stage_of = {s * virtual: s for s in counts}
     counts = list(stage_of)                       # in pieces from here on
     levels = max(counts)
     physical = counts[0] // virtual
     held = [_held(schedule, e, microbatches, physical, virtual) for e in range(levels)]
     cap = cap // virtual
-    choices = [table.choose(h, cap) for h in held]
+    choices = [tables[e].choose(h, cap) for e, h in enumerate(held)]
+    if starts is not None:      # starts[e]: the block boundaries the piece at distance e may start at
+        choices = [(np.where(ok[:, None], c[0], math.inf), c[1], c[2]) if ok is not None else c
+                   for c, ok in zip(choices, starts)]
+    invalid = tables[0].invalid
     need = math.inf
     for slot, _, memory in choices:
-        over = ~table.invalid & ~np.isfinite(slot)
+        over = ~invalid & ~np.isfinite(slot)
         if over.any():
             need = min(need, float(memory[over].min()))
-    tail = table.tail
+    tails = [t.tail for t in tables[:levels]]
     # the smallest longest-tail any S-split can have (a floor for the walk below)
-    tail_floor = _bottleneck_dp([np.where(np.isfinite(s), tail, math.inf) for s, _, _ in choices], n)[0]
+    tail_floor = _bottleneck_dp([np.where(np.isfinite(c[0]), tails[e], math.inf) for e, c in enumerate(choices)],
+                                n)[0]
     best: dict[int, tuple[float, list[tuple[int, int]]]] = {}
     alive = {s for s in counts if math.isfinite(tail_floor[s - 1][0])}
     limit = best_so_far * (1.0 + SIMPLER_PLAN_MARGIN)   # beyond this no candidate can be chosen
     threshold = math.inf
-    distinct = np.unique(tail[~table.invalid])
+    distinct = np.unique(np.concatenate([t[~invalid] for t in tails]))
     for _ in range(MAX_TAIL_THRESHOLDS):
         if not alive:
             break
-        masked = [np.where(tail > threshold, math.inf, s) for s, _, _ in choices[:max(alive)]]
+        masked = [np.where(tails[e] > threshold, math.inf, c[0]) for e, c in enumerate(choices[:max(alive)])]
         values, cuts = _bottleneck_dp(masked, n)
         highest_tail = -math.inf
         for s in sorted(alive):
@@ -256,7 +335,7 @@ def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microba
                 alive.discard(s)
                 continue
             ranges = _ranges(cuts, s, n)
-            longest_tail = max(float(tail[i, j]) for i, j in ranges)
+            longest_tail = max(float(tails[s - 1 - k][i, j]) for k, (i, j) in enumerate(ranges))
             value = step_ms(bottleneck, longest_tail * virtual, stage_of[s], microbatches, virtual)
             if value < best.get(s, (math.inf,))[0]:
                 best[s] = (value, ranges)
@@ -274,12 +353,14 @@ def _best_splits(costs: CostModel, table: RangeTable, counts: list[int], microba
         threshold = float(below[-1])
     else:
         logger.debug("tail-threshold walk stopped after %d steps (replicas %d, micro-batches %d)",
-                     MAX_TAIL_THRESHOLDS, table.replicas, microbatches)
+                     MAX_TAIL_THRESHOLDS, tables[0].replicas, microbatches)
     results = []
     for s, (value, ranges) in sorted(best.items()):
-        stage_costs = [table.stage(i, j, held[s - 1 - k], cap) for k, (i, j) in enumerate(ranges)]
-        cand = Candidate(value, stage_of[s], table.replicas, microbatches, table.samples, ranges, stage_costs,
-                         virtual, schedule if stage_of[s] > 1 else SCHEDULE_ORDER[0])
+        stage_costs = [tables[s - 1 - k].stage(i, j, held[s - 1 - k], cap) for k, (i, j) in enumerate(ranges)]
+        per_stage = tuple(tables[s - 1 - k].replicas for k in range(len(ranges)))
+        cand = Candidate(value, stage_of[s], tables[0].replicas, microbatches, tables[0].samples, ranges,
+                         stage_costs, virtual, schedule if stage_of[s] > 1 else SCHEDULE_ORDER[0],
+                         per_stage if len(set(per_stage)) > 1 else None)
         if cand.stage_count > 1 and schedule not in CLOSED_FORM:
             if _busiest_rank_ms(cand) >= limit:
                 continue      # even without a bubble it could not be chosen: not worth simulating
@@ -357,16 +438,19 @@ def choose(candidates: list[Candidate]) -> Candidate:
 # ---- the plan ----------------------------------------------------------------------------------------------
 
 def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, config: RannConfig,
-         fingerprint: str, batch_range: BatchRange = (1, None), in_call_ok: bool = True) -> Deployment:
+         fingerprint: str, batch_range: BatchRange = (1, None), in_call_ok: bool = True,
+         row_cuts: list[bool] | None = None) -> Deployment:
     """The deployment of the fastest plan (the simplest within SIMPLER_PLAN_MARGIN). `in_call_ok`: the model
-    returns one scalar loss, so schedules that run the backwards inside the call may be chosen."""
+    returns one scalar loss, so schedules that run the backwards inside the call may be chosen. `row_cuts`:
+    per block boundary, whether its values can be cut by rows (where stages of different replica counts
+    may meet; all of them when not given)."""
     started = time.perf_counter()
     cap = memory_cap(profile, config)
     costs = CostModel(profile, config.opt_param_factor, config.recompute, config.schedule,
                       count_clipping=config.plan_grad_clipping, accumulate_grads=config.accumulate_grads)
     if not space(config, world_size, costs.n, batch_size, batch_range):
         raise PlanningError(_empty_space(config, world_size, costs.n, batch_size, batch_range))
-    found, smallest_need = search(costs, world_size, batch_size, config, cap, batch_range, in_call_ok)
+    found, smallest_need = search(costs, world_size, batch_size, config, cap, batch_range, in_call_ok, row_cuts)
     if not found:
         raise PlanningError(
             f"no partition of the model fits {cap / 2**30:.2f} GiB per device (device memory minus "
@@ -381,9 +465,12 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
 
 def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size: int, cap: int,
                   fingerprint: str, schedule: str) -> Deployment:
-    r, depth = chosen.replicas, chosen.stage_count
+    depth = chosen.stage_count
+    counts = chosen.stage_replicas or (chosen.replicas,) * depth
+    first = [sum(counts[:k]) for k in range(depth)]
+    ranks = [list(range(first[k], first[k] + counts[k])) for k in range(depth)]
     stages = [StagePlan(first_block=i, end_block=j, start=blocks.bounds[i], end=blocks.bounds[j],
-                        ranks=list(range((s % depth) * r, (s % depth + 1) * r)), recompute=c.recompute, fwd_ms=c.fwd_ms,
+                        ranks=ranks[s % depth], recompute=c.recompute, fwd_ms=c.fwd_ms,
                         bwd_ms=c.bwd_ms, allreduce_ms=c.allreduce_ms, param_bytes=c.param_bytes,
                         activation_bytes=c.activation_bytes, memory_bytes=c.memory_bytes, send_ms=c.send_ms,
                         exposed_allreduce_ms=c.exposed_allreduce_ms, optimizer_ms=c.optimizer_ms,

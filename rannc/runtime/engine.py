@@ -9,6 +9,7 @@ the delay are set aside while this backward's part is summed, so that no contrib
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,9 +22,9 @@ from rannc.graph.dropout import dropout_active, train_mode
 from rannc.graph.stage import StageGraph
 from rannc.plan.deployment import Deployment
 from rannc.runtime import grads as grad_ops
-from rannc.runtime.chunks import Chunk, split_batch
+from rannc.runtime.chunks import Chunk, routes, split_batch
 from rannc.runtime.outputs import OutputRouter, PipelineOutputs
-from rannc.runtime.pipeline import StageRuntime
+from rannc.runtime.pipeline import PieceLayout, StageRuntime
 from rannc.runtime.placement import Placement
 from rannc.schedule import Action, gpipe_backward, gpipe_forward
 from rannc.schedule import get as get_schedule
@@ -40,7 +41,7 @@ class CallFlags:
 class Engine:
     def __init__(self, deployment: Deployment, placement: Placement, runtime: StageRuntime | None,
                  pieces: list[StageGraph], router: OutputRouter, batched_inputs: list[bool], rank: int,
-                 world: int, device: torch.device, replica: int, in_call: bool):
+                 world: int, device: torch.device, in_call: bool):
         self.deployment = deployment
         self.placement = placement
         self.runtime = runtime
@@ -49,7 +50,6 @@ class Engine:
         self.rank = rank
         self.world = world
         self.device = device
-        self.replica = replica
         self.in_call = in_call              # backwards run inside the call (one scalar output only)
         self.reducer = None
         if runtime is not None and world > 1:
@@ -62,6 +62,7 @@ class Engine:
         self._call_grads: dict | None = None   # gradients an in-call schedule's backwards left (d(loss) = 1)
         self._call_delay = False
         self._actions, self._forwards, self._backwards = self._schedule_lists()
+        self._layout_cache: dict[tuple, list[PieceLayout]] = {}
 
     def _schedule_lists(self) -> tuple[list[Action], list[Action], list[Action]]:
         """This rank's whole list of the schedule, its forwards alone (calls without grad, and GPipe's call),
@@ -92,19 +93,16 @@ class Engine:
             raise ValueError(f"the global batch has {batch} samples but the deployment was planned for "
                              f"{deployment.batch_size}; keep the local batch size fixed")
         local_rows = rows if local else (batch // self.world if gather_inputs else batch)
-        chunks = split_batch(batch, deployment.microbatch_count, deployment.replicas)
         results: list[tuple[Chunk, tuple]] = []
         if self.runtime is not None:
-            my_chunks = [row[self.replica] for row in chunks]
-            if local:
-                my_chunks = [Chunk(0, rows, c.weight) for c in my_chunks]
+            layouts = self._layouts(batch, rows if local else None)
             self.runtime.keep_graph = flags_now.keep_graph
             self.runtime.clear()
             with dropout_active(dropout), train_mode(train):
                 if grad and self.in_call:
-                    results = self._run_in_call(my_chunks, batch_args, key, flags_now)
+                    results = self._run_in_call(layouts, batch_args, key, flags_now)
                 else:
-                    results = self.runtime.run_actions(self._forwards, my_chunks, batch_args, key)
+                    results = self.runtime.run_actions(self._forwards, layouts, batch_args, key)
         if train and self.synced_buffers:
             self._average_buffers()
         leaves = self.router.collect(results, batch, local_rows, local)
@@ -113,7 +111,28 @@ class Engine:
         self._pending = (batch, local_rows, local, flags)
         return list(PipelineOutputs.apply(self._anchor, self._backward, *leaves))
 
-    def _run_in_call(self, chunks, batch_args, key, flags: CallFlags):
+    def _layouts(self, batch: int, local_rows: int | None) -> list[PieceLayout]:
+        """Per piece this rank runs: its rows of every micro-batch and their routes from and to the
+        neighbouring pieces' replicas. `local_rows`: each replica runs exactly its own local batch (one
+        stage, one micro-batch), indexed from 0."""
+        key = (batch, local_rows)
+        if key not in self._layout_cache:
+            d, m = self.deployment, self.deployment.microbatch_count
+            split = functools.cache(lambda c: split_batch(batch, m, d.stages[c].replicas))
+            layouts = []
+            for c in d.pieces_of_rank(self.rank):
+                mine = [row[d.stages[c].ranks.index(self.rank)] for row in split(c)]
+                sources = [routes(mine[k], split(c - 1)[k], d.stages[c - 1].ranks, True) if c > 0 else []
+                           for k in range(m)]
+                targets = [routes(mine[k], split(c + 1)[k], d.stages[c + 1].ranks, False)
+                           if c + 1 < len(d.stages) else [] for k in range(m)]
+                if local_rows is not None:
+                    mine = [Chunk(0, local_rows, ch.weight) for ch in mine]
+                layouts.append(PieceLayout(mine, sources, targets))
+            self._layout_cache[key] = layouts
+        return self._layout_cache[key]
+
+    def _run_in_call(self, layouts, batch_args, key, flags: CallFlags):
         """Schedules other than GPipe run the backwards inside the call with d(loss) = 1, summed over holders
         as they go (unless delayed). This call's gradients are then held apart, and p.grad restored to what
         it was, until loss.backward(g) adds them scaled by g (gradients are linear in g): a forward in grad
@@ -126,7 +145,7 @@ class Engine:
         output_grads = self.router.gradients([ones], self.deployment.batch_size, 0, False)
         try:
             results = self._reducing_gradients(
-                lambda: self.runtime.run_actions(self._actions, chunks, batch_args, key, output_grads),
+                lambda: self.runtime.run_actions(self._actions, layouts, batch_args, key, output_grads),
                 flags.delay_grad_allreduce, flags.keep_graph)
             self._call_grads = self._set_aside_grads()
             self._call_delay = flags.delay_grad_allreduce
@@ -154,7 +173,7 @@ class Engine:
 
         def run_backwards():
             if self.runtime is not None:
-                self.runtime.run_actions(self._backwards, [], [], (), output_grads)
+                self.runtime.run_actions(self._backwards, [], [], (), output_grads)   # layouts are saved
 
         self._reducing_gradients(run_backwards, delay, flags.keep_graph)
         _add_back(reduced_before)

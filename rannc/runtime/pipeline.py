@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from rannc.graph.dropout import recomputing
-from rannc.graph.stage import StageGraph
-from rannc.runtime.chunks import Chunk
+from rannc.graph.stage import ROWS_NONE, StageGraph
+from rannc.runtime.chunks import Chunk, Route
 from rannc.runtime.split_backward import WeightGradient, backward_input
 from rannc.schedule import Action
 
@@ -36,6 +36,18 @@ class _Saved:
     received: list[torch.Tensor]
     outputs: tuple
     chunk: Chunk
+    sources: list[Route]
+    targets: list[Route]
+
+
+@dataclass
+class PieceLayout:
+    """Per micro-batch: this replica's rows of it on one piece, and the routes its values take from the
+    previous piece's replicas and to the next one's (one route each way unless their replica counts differ)."""
+
+    chunks: list[Chunk]
+    sources: list[list[Route]]
+    targets: list[list[Route]]
 
 
 @dataclass
@@ -47,11 +59,9 @@ class _ValueMeta:
 
 @dataclass
 class Piece:
-    """One contiguous piece of the model this rank runs (its virtual stage `index`), and its neighbours."""
+    """One contiguous piece of the model this rank runs (one per virtual stage)."""
 
     stage: StageGraph
-    prev_rank: int | None          # the rank running the piece before this one (None: the model's first)
-    next_rank: int | None
     recompute: bool
 
     def __post_init__(self) -> None:
@@ -86,7 +96,7 @@ class StageRuntime:
         """The parameters of all pieces, each once."""
         return list({id(p): p for piece in self.pieces for p in piece.params}.values())
 
-    def run_actions(self, actions: list[Action], chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
+    def run_actions(self, actions: list[Action], layouts: list[PieceLayout], inputs: list[torch.Tensor], key: tuple,
                     output_grads: OutputGrads | None = None) -> list[tuple[Chunk, tuple]]:
         """Run a schedule's actions in order: forwards (F), backwards (B) or a backward split into input
         (BI) and weight (BW) gradients. The last piece's backwards take its outputs' gradients from
@@ -96,7 +106,7 @@ class StageRuntime:
         for action in actions:
             started = time.perf_counter()
             if action.kind == "F":
-                self._forward_one(action, chunks, inputs, key, results)
+                self._forward_one(action, layouts[action.stage], inputs, key, results)
             elif action.kind == "BW":
                 self._weights.pop((action.microbatch, action.stage)).run()
             else:
@@ -106,13 +116,14 @@ class StageRuntime:
         return results
 
     # ---- forward -------------------------------------------------------------------------------------
-    def _forward_one(self, action: Action, chunks: list[Chunk], inputs: list[torch.Tensor], key: tuple,
+    def _forward_one(self, action: Action, layout: PieceLayout, inputs: list[torch.Tensor], key: tuple,
                      results: list) -> None:
         piece = self.pieces[action.stage]
         grad = torch.is_grad_enabled()
-        chunk = chunks[action.microbatch]
+        mb = action.microbatch
+        chunk, sources, targets = layout.chunks[mb], layout.sources[mb], layout.targets[mb]
         mb_key = (action.stage, chunk.rows) + key
-        received = self._receive_values(piece, mb_key, grad)
+        received = self._receive_values(piece, sources, mb_key, grad)
         args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
                            for i in piece.stage.inputs]
         if piece.recompute and grad:
@@ -122,35 +133,50 @@ class StageRuntime:
         if piece.stage.is_last:
             results.append((chunk, outputs))
         else:
-            self._send_values(piece, mb_key, outputs)
+            self._send_values(piece, targets, chunk, mb_key, outputs)
         if grad:
-            self._saved[action.microbatch, action.stage] = _Saved(received, outputs, chunk)
+            self._saved[mb, action.stage] = _Saved(received, outputs, chunk, sources, targets)
 
-    def _receive_values(self, piece: Piece, mb_key: tuple, grad: bool) -> list[torch.Tensor]:
-        if not piece.stage.received:
+    def _receive_values(self, piece: Piece, sources: list[Route], mb_key: tuple, grad: bool) -> list[torch.Tensor]:
+        """The values crossing the piece's first cut, assembled from the rows each source sends (a value
+        not cut by rows is taken from the first source)."""
+        count = len(piece.stage.received)
+        if not count:
             return []
-        metas = self._recv_meta.get(mb_key)
-        if metas is None:
-            header = torch.empty(len(piece.stage.received), _HEADER, dtype=torch.int64, device=self.device)
-            dist.recv(header, piece.prev_rank, group=self.forward_group)
-            metas = [_decode(row) for row in header.tolist()]
-            self._recv_meta[mb_key] = metas
+        parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        needs_grad = [False] * count
+        for route in sources:
+            meta_key = (mb_key, route.rank, route.stop - route.start)
+            metas = self._recv_meta.get(meta_key)
+            if metas is None:
+                header = torch.empty(count, _HEADER, dtype=torch.int64, device=self.device)
+                dist.recv(header, route.rank, group=self.forward_group)
+                metas = [_decode(row) for row in header.tolist()]
+                self._recv_meta[meta_key] = metas
+            for k, meta in enumerate(metas):
+                buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+                dist.recv(buf, route.rank, group=self.forward_group)
+                needs_grad[k] = meta.requires_grad
+                if piece.stage.received_rows[k] != ROWS_NONE or route.primary:
+                    parts[k].append(buf)
         values = []
-        for meta in metas:
-            buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            dist.recv(buf, piece.prev_rank, group=self.forward_group)
-            if grad and meta.requires_grad:
-                buf.requires_grad_(True)
-            values.append(buf)
+        for k in range(count):
+            value = parts[k][0] if len(parts[k]) == 1 else torch.cat(parts[k])
+            if grad and needs_grad[k]:
+                value.requires_grad_(True)
+            values.append(value)
         return values
 
-    def _send_values(self, piece: Piece, mb_key: tuple, outputs: tuple) -> None:
-        if mb_key not in self._sent_meta:
-            header = torch.tensor([_encode(o) for o in outputs], dtype=torch.int64, device=self.device)
-            self._isend(header, piece.next_rank, self.forward_group)
-            self._sent_meta.add(mb_key)
-        for o in outputs:
-            self._isend(o.detach().contiguous(), piece.next_rank, self.forward_group)
+    def _send_values(self, piece: Piece, targets: list[Route], chunk: Chunk, mb_key: tuple, outputs: tuple) -> None:
+        for route in targets:
+            part = [_rows(o, piece.stage.sent_rows[k], route, chunk) for k, o in enumerate(outputs)]
+            meta_key = (mb_key, route.rank, route.stop - route.start)
+            if meta_key not in self._sent_meta:
+                header = torch.tensor([_encode(o) for o in part], dtype=torch.int64, device=self.device)
+                self._isend(header, route.rank, self.forward_group)
+                self._sent_meta.add(meta_key)
+            for o in part:
+                self._isend(o.detach().contiguous(), route.rank, self.forward_group)
 
     def _isend(self, tensor: torch.Tensor, dst: int, group) -> None:
         self._pending_sends.append((dist.isend(tensor, dst, group=group), tensor))
@@ -177,26 +203,41 @@ class StageRuntime:
                     tensors.append(o)
                     grads.append(g.to(o.device, o.dtype).reshape(o.shape))
         else:
-            for o in saved.outputs:
+            for k, o in enumerate(saved.outputs):
                 if o.requires_grad:
-                    g = torch.empty_like(o, memory_format=torch.contiguous_format)
-                    dist.recv(g, piece.next_rank, group=self.gradient_group)
                     tensors.append(o)
-                    grads.append(g)
-        senders = [r for r in saved.received if r.requires_grad]
+                    grads.append(self._receive_grad(o, piece.stage.sent_rows[k], saved))
+        senders = [(k, r) for k, r in enumerate(saved.received) if r.requires_grad]
         if action.kind == "BI":
-            input_grads, self._weights[where] = backward_input(tensors, grads, senders, piece.params)
+            input_grads, self._weights[where] = backward_input(tensors, grads, [r for _, r in senders], piece.params)
         else:
             if tensors:
                 torch.autograd.backward(tensors, grads, retain_graph=self.keep_graph)
-            input_grads = [r.grad for r in senders]
+            input_grads = [r.grad for _, r in senders]
             if self.keep_graph:
                 self._saved[where] = saved
-                for r in senders:
+                for _, r in senders:
                     r.grad = None
-        for r, g in zip(senders, input_grads):
-            self._isend((g if g is not None else torch.zeros_like(r)).contiguous(), piece.prev_rank,
-                        self.gradient_group)
+        for (k, r), g in zip(senders, input_grads):
+            g = g if g is not None else torch.zeros_like(r)
+            factor = piece.stage.received_rows[k]
+            for route in saved.sources:
+                if factor != ROWS_NONE or route.primary:
+                    self._isend(_rows(g, factor, route, saved.chunk).contiguous(), route.rank, self.gradient_group)
+
+    def _receive_grad(self, output: torch.Tensor, factor: int, saved: _Saved) -> torch.Tensor:
+        """The gradient of one sent value: the rows each receiver sends back, or for a value not cut by
+        rows the sum of what the receivers it was the first source of send (zeros if none)."""
+        parts = []
+        for route in saved.targets:
+            if factor == ROWS_NONE and not route.primary:
+                continue
+            buf = torch.empty_like(_rows(output, factor, route, saved.chunk), memory_format=torch.contiguous_format)
+            dist.recv(buf, route.rank, group=self.gradient_group)
+            parts.append(buf)
+        if factor == ROWS_NONE:
+            return torch.stack(parts).sum(0) if len(parts) > 1 else (parts[0] if parts else torch.zeros_like(output))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _record(self, action: Action, started: float) -> None:
         if self.trace is not None:
@@ -222,6 +263,14 @@ def _first_run_then_recompute(module):
             return module(*args)
 
     return run
+
+
+def _rows(value: torch.Tensor, factor: int, route: Route, chunk: Chunk) -> torch.Tensor:
+    """The part of a value of `chunk` that travels on `route`: its rows, or all of it when the route takes
+    the whole chunk or the value is not cut by rows."""
+    if route.start == chunk.start and route.stop == chunk.stop or factor <= 0:
+        return value
+    return value[(route.start - chunk.start) * factor:(route.stop - chunk.start) * factor]
 
 
 def _encode(t: torch.Tensor) -> list[int]:
