@@ -2,6 +2,8 @@
 under each schedule, in one launch:
 
     torchrun --nproc_per_node=2 benchmarks/predicted_vs_measured.py --schedules gpipe,1f1b --partition_num 2
+    torchrun --nproc_per_node=2 benchmarks/predicted_vs_measured.py \
+        --schedules gpipe,1f1b,interleaved_1f1b:2,zb_h1,auto:2     # NAME:V = V pieces per rank
 
 Each rank runs one thread on the CPU (profiling and training alike), so that two ranks on two cores measure
 what they were profiled at. A step is what a training loop does: forward, backward, clipping by the global
@@ -26,11 +28,13 @@ import rannc  # noqa: E402
 from examples.tutorial import Net  # noqa: E402
 
 
-def measure(schedule: str, args, device) -> dict:
+def measure(spec: str, args, device) -> dict:
+    schedule, _, virtual = spec.partition(":")
     torch.manual_seed(0)
     model = Net(args.hidden, args.layers).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    wrapped = rannc.RaNNCModule(model, optimizer, schedule=schedule, partition_num=args.partition_num,
+    wrapped = rannc.RaNNCModule(model, optimizer, schedule=schedule, virtual_stages=int(virtual or 1),
+                                partition_num=args.partition_num, accumulate_grads=False,
                                 min_pipeline=args.microbatches, max_pipeline=args.microbatches,
                                 profile_cache_dir="")
     local = args.batch // rannc.get_world_size()
@@ -54,7 +58,8 @@ def measure(schedule: str, args, device) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
     d = wrapped.deployment
     measured = statistics.median(times)
-    return {"schedule": schedule, "stages": len(d.stages), "microbatches": d.microbatch_count,
+    return {"asked": spec, "schedule": d.schedule, "stages": d.pipeline_depth, "virtual_stages": d.virtual_stages,
+            "microbatches": d.microbatch_count,
             "predicted_ms": round(d.predicted_step_ms, 3), "measured_ms": round(measured, 3),
             "predicted_over_measured": round(d.predicted_step_ms / measured, 3),
             "bubble": round(d.bubble_fraction, 3)}

@@ -302,7 +302,7 @@ class SimResult:
     busy_ms: list[float]                    # per stage, time spent running actions
     bubble_fraction: float
     peak_in_flight: list[int]               # per stage: most (micro-batch, virtual stage) pairs whose F has
-                                            # run and whose B / BI has not (activations held)
+                                            # run and whose B / BW has not (activations held)
     peak_weight_pending: list[int]          # per stage: most pairs whose BI has run and BW has not (zero bubble)
     timeline: list[tuple[int, Action, float, float]] = field(repr=False)   # (stage, action, start_ms, end_ms)
 
@@ -405,8 +405,9 @@ def _walk(actions_per_stage: Sequence[Sequence[Action]], duration: Callable[[int
 
 
 def _peaks(actions: Sequence[Action]) -> tuple[int, int]:
-    """Most pairs held at once on one stage: activations (F run, B / BI not yet) and weight-gradient state
-    (BI run, BW not yet). A stage runs one action at a time, so its list order is its time order."""
+    """Most pairs held at once on one stage: activations (F run, B / BW not yet: the weights' gradients
+    need the layers' inputs, so a split backward keeps them until its BW) and weight-gradient state (BI
+    run, BW not yet). A stage runs one action at a time, so its list order is its time order."""
     held = pending = peak_held = peak_pending = 0
     for action in actions:
         if action.kind == "F":
@@ -415,10 +416,10 @@ def _peaks(actions: Sequence[Action]) -> tuple[int, int]:
         elif action.kind == "B":
             held -= 1
         elif action.kind == "BI":
-            held -= 1
             pending += 1
             peak_pending = max(peak_pending, pending)
         else:
+            held -= 1
             pending -= 1
     return peak_held, peak_pending
 

@@ -24,7 +24,8 @@ Reference semantics (see the README's "Bring your own model"):
   * "loss": the result is the loss of the global batch; the reference is the model on the global batch.
   * BatchNorm (micro-batches pinned to 1): with 1 stage on W ranks every replica normalises its own rows,
     so the reference runs each rank's rows separately, each from the same old running statistics, and then
-    averages them; with 2 stages each stage has one replica and the reference is the plain global batch.
+    averages them; with 2 stages each stage has one replica (pinned: the planner would also try unequal
+    replica counts at 3 ranks) and the reference is the plain global batch.
     "nograd" (training-mode calls under torch.no_grad()) checks the replica averaging without backward.
   * accumulation (acc=2): "toggle" is RaNNC's pattern, delay_grad_allreduce(micro < acc - 1); "explicit"
     delays every micro-step and calls wrapped.allreduce_grads() before the update.
@@ -195,6 +196,8 @@ def _run_case(rank: int, world: int, stages: int, name: str, way: str, settings:
     spec = rm.SPECS[name]
     pinned = 1 if spec.batchnorm else settings["micro"]
     items = {"min_pipeline": pinned, "max_pipeline": pinned} if pinned else {}
+    if spec.batchnorm and stages > 1:   # one replica per stage: unequal counts would normalise other row groups
+        items["stage_replicas"] = ",".join(["1"] * stages)
     acc = 1 if settings["acc"] == "none" else 2
     train = way != "nograd"            # "nograd": training-mode calls under torch.no_grad(), no backward
     model_way = "out" if way == "nograd" else way

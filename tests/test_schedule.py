@@ -235,7 +235,8 @@ def test_peak_in_flight_gpipe_all_1f1b_stages_downstream():
             zb = simulate(schedule.get("zb_h1")(p, m), _uniform("zb_h1"))
             assert gpipe.peak_in_flight == [m] * p
             assert ofob.peak_in_flight == [min(m, p - s) for s in range(p)]
-            assert zb.peak_in_flight == ofob.peak_in_flight            # ZB-H1 keeps 1F1B's activations
+            # ZB-H1 keeps each micro-batch's activations until its BW: 1F1B's peak (that of stage 0) everywhere
+            assert zb.peak_in_flight == [min(m, p)] * p
             assert zb.peak_weight_pending == [min(m, s + 1) for s in range(p)]
             assert gpipe.peak_weight_pending == ofob.peak_weight_pending == [0] * p
             for s in range(p):

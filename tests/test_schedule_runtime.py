@@ -2,7 +2,8 @@
 batch): losses, gradients after each backward, parameters after several optimizer steps, and evaluation
 under torch.no_grad(); with the tied embedding of the tiny BERT on different ranks, gradient accumulation
 with a delayed and with an immediate all-reduce, and a forward in grad mode never followed by a backward
-(it must leave the gradients as they were)."""
+(it must leave the gradients as they were). Each rank also counts the activation sets it holds at once:
+never more than the simulator reads off the schedule's lists."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import copy
 
 import pytest
 import torch
+
+from rannc.schedule import get as get_schedule
+from rannc.schedule import simulate
 
 import models
 from distributed import run_ranks
@@ -75,6 +79,15 @@ def _train(rank, world, name, stages, schedule, virtual, accumulation, delay, st
     deployment = wrapped.deployment
     shape = (deployment.schedule, deployment.pipeline_depth, deployment.virtual_stages,
              ",".join(str(s.replicas) for s in deployment.stages))
+    # activation sets held at once, counted by the executor, against what the simulator reads off the lists
+    physical = deployment.stage_of_rank(rank)
+    if physical is not None and deployment.pipeline_depth > 1:
+        lists = get_schedule(deployment.schedule)(deployment.pipeline_depth, deployment.microbatch_count,
+                                                  deployment.virtual_stages)
+        simulated = simulate(lists, {"F": 1.0, "B": 2.0, "BI": 1.0, "BW": 1.0}).peak_in_flight[physical]
+        held = wrapped._engine.runtime.peak_held
+        if held > simulated:
+            errors["held activations"] = float(held - simulated)
     return errors, shape
 
 
@@ -83,6 +96,10 @@ def _matrix(rank, world, cases):
 
 
 def _check(results, world):
+    for rank, rank_results in enumerate(results):
+        for case, (errors, _) in rank_results:
+            assert errors.get("held activations", 0.0) == 0.0, (
+                f"{case}: rank {rank} held {errors['held activations']:.0f} more activation sets than simulated")
     for case, (errors, shape) in results[0]:
         name, stages, schedule, virtual = case[:4]
         assert shape[:3] == (schedule, stages, virtual), f"{case}: planned {shape}"

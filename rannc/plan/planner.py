@@ -173,8 +173,8 @@ def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfi
                 continue
             table = costs.table(replicas, microbatch_size(batch_size, replicas, microbatches))
             counts = groups[(replicas, microbatches)]
-            # with virtual stages a stage's held activations depend on the stage count: one search per count
-            for searched in ([counts] if v == 1 else [[s] for s in counts]):
+            # where a stage's held activations depend on the stage count: one search per count
+            for searched in ([counts] if schedule not in DEPTH_DEPENDENT else [[s] for s in counts]):
                 virtual = v if searched[0] > 1 else 1
                 results, need = _best_splits(costs, [table], searched, microbatches, cap, best, schedule, virtual)
                 smallest_need = min(smallest_need, need)
@@ -278,12 +278,16 @@ def _group_bound(costs: CostModel, key: tuple[int, int], counts: list[int], batc
     return min(bound(s) for s in counts)
 
 
+DEPTH_DEPENDENT = ("zb_h1", "interleaved_1f1b")   # what a stage holds depends on the stage count
+
+
 def _held(schedule: str, distance_from_end: int, microbatches: int, stage_count: int = 0,
           virtual_stages: int = 1) -> int:
-    """Micro-batches a piece holds, by its distance from the model's last piece. Without virtual stages
-    this is independent of the stage count for every schedule (checked in tests). With them, a piece holds
-    at most what its rank holds in all (micro-batch, piece) pairs: an over-estimate by up to v."""
-    if virtual_stages == 1:
+    """Micro-batches a piece holds, by its distance from the model's last piece. For GPipe and 1F1B this is
+    independent of the stage count (checked in tests); for the others it is read for `stage_count`. With
+    virtual stages a piece holds at most what its rank holds in all (micro-batch, piece) pairs: an
+    over-estimate by up to v."""
+    if schedule not in DEPTH_DEPENDENT:
         return in_flight(schedule, 0, distance_from_end + 1, microbatches)
     physical = (stage_count * virtual_stages - 1 - distance_from_end) % stage_count
     return in_flight(schedule, physical, stage_count, microbatches, virtual_stages)

@@ -81,6 +81,7 @@ class StageRuntime:
     gradient_group: object = None  # default one; two when a pair of ranks exchanges both ways: virtual stages)
     trace: list | None = None      # Chrome trace events (host-side times) when trace_events is on
     trace_pid: int = 0
+    peak_held: int = 0             # most (micro-batch, piece) activation sets held at once so far
     _recv_meta: dict = field(default_factory=dict)
     _sent_meta: set = field(default_factory=set)
     _saved: dict[tuple[int, int], _Saved] = field(default_factory=dict)
@@ -111,6 +112,7 @@ class StageRuntime:
                 self._weights.pop((action.microbatch, action.stage)).run()
             else:
                 self._backward_one(action, output_grads)
+            self.peak_held = max(self.peak_held, len(self._saved) + len(self._weights))
             self._record(action, started)
         self.wait_sends()
         return results
