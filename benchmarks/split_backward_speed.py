@@ -3,8 +3,8 @@
     python benchmarks/split_backward_speed.py --layers 12 --rows 8          # GPU if there is one
 
 Times, per micro-batch, the forward, the plain backward (B), and the split one: BI (the inputs' gradients)
-and BW (the weights'), each followed by a device sync, median of --repeats. BI + BW against B is what the
-planner assumes (equal, split WEIGHT_SHARE : 1 - WEIGHT_SHARE).
+and BW (the weights'), each followed by a device sync, median of --repeats: the planner prices BI and BW as
+shares of B (rannc/plan/planner.py SPLIT_BACKWARD).
 """
 
 from __future__ import annotations

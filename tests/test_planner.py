@@ -188,9 +188,10 @@ def test_auto_schedule_prefers_the_simplest_unless_another_is_faster():
     chosen = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="auto", **items), "f")
     forced = {name: plan(profile, _bounds(8), 4, 64, RannConfig(schedule=name, virtual_stages=v, **items), "f")
               for name, v in [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1), ("interleaved_1f1b", 2)]}
-    # 4 stages, 4 micro-batches: GPipe's bubble is 3/7 of the step; zero bubble and interleaving shrink it
+    # 4 stages, 4 micro-batches: GPipe's bubble is 3/7 of the step; zero bubble and interleaving shrink it (the
+    # split backward's parts are priced at their measured cost, 1.8 x the whole backward, so it gains less)
     assert forced["gpipe"].bubble_fraction == pytest.approx(3 / 7, abs=0.02)
-    assert forced["zb_h1"].predicted_step_ms < 0.9 * forced["gpipe"].predicted_step_ms
+    assert forced["zb_h1"].bubble_fraction < 0.8 * forced["gpipe"].bubble_fraction
     assert forced["interleaved_1f1b"].predicted_step_ms < 0.9 * forced["gpipe"].predicted_step_ms
     fastest = min(d.predicted_step_ms for name, d in forced.items() if name != "zb_h1")   # not in auto yet
     assert chosen.predicted_step_ms <= fastest * 1.03 + 1e-9
@@ -231,6 +232,8 @@ def test_unequal_replicas_give_every_rank_work():
     assert "replicas=" in d.table() and ("replicas=1,2" in d.table() or "replicas=2,1" in d.table())
     forced = plan(profile, _bounds(8), 4, 64, RannConfig(stage_replicas="2,1,1", min_pipeline=4, max_pipeline=4,
                                                          mem_margin=0.0), "f")
-    assert [s.ranks for s in forced.stages] == [[0, 1], [2], [3]]
+    assert [s.ranks for s in forced.stages] == [[0, 1], [2], [3]] and forced.idle_ranks() == []
+    idle = plan(profile, _bounds(8), 4, 64, RannConfig(stage_replicas="1,2", min_pipeline=4, max_pipeline=4), "f")
+    assert idle.idle_ranks() == [3] and "idle ranks: [3]" in idle.table()
     with pytest.raises(PlanningError, match="stage_replicas"):
         plan(profile, _bounds(8), 3, 64, RannConfig(stage_replicas="2,2"), "f")

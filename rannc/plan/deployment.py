@@ -141,7 +141,15 @@ class Deployment:
                 f"{i:>5} {f'{s.first_block}-{s.end_block - 1}':>11} {_ranks(s.ranks):>14} "
                 f"{'y' if s.recompute else 'n':>3} {s.fwd_ms:9.3f} {s.bwd_ms:9.3f} {s.allreduce_ms:9.3f} "
                 f"{tail:9.3f} {_gib(s.param_bytes):>10} {_gib(s.activation_bytes):>10} {_gib(s.memory_bytes):>10}")
+        idle = self.idle_ranks()
+        if idle:
+            lines.append(f"idle ranks: {_ranks(idle)} (no plan using them was predicted faster, or none fitted)")
         return "\n".join(lines)
+
+    def idle_ranks(self) -> list[int]:
+        """Ranks that run no stage."""
+        busy = {rank for stage in self.stages for rank in stage.ranks}
+        return [rank for rank in range(self.world_size) if rank not in busy]
 
 
 def _ranks(ranks: list[int]) -> str:

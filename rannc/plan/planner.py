@@ -35,8 +35,9 @@ logger = logging.getLogger("rannc.planner")
 SIMPLER_PLAN_MARGIN = 0.03
 SCHEDULE_ORDER = ("gpipe", "1f1b", "zb_h1", "interleaved_1f1b")   # simplest first: ties go to the earlier
 CLOSED_FORM = ("gpipe", "1f1b")   # schedules whose step the cost model's formula gives (equal slots: exactly)
-WEIGHT_SHARE = 0.5             # of a backward, the weights' part (BW) when a schedule splits it: as many
-                               # matrix products as the inputs' part in a linear layer
+SPLIT_BACKWARD = {"BI": 0.8, "BW": 1.0}   # a split backward's parts as shares of the whole backward: measured
+                                         # on one H200 for BERT-large layers (0.80 / 1.12 at 8 rows, 0.81 / 1.00
+                                         # at 64; benchmarks/split_backward_speed.py), not yet profiled per model
 MAX_TAIL_THRESHOLDS = 256      # per (replicas, micro-batches): far above what real profiles need
 
 
@@ -404,8 +405,7 @@ def action_costs(fwd_ms: list[float], bwd_ms: list[float], depth: int):
             return fwd_ms[piece]
         if action.kind == "B":
             return bwd_ms[piece]
-        share = WEIGHT_SHARE if action.kind == "BW" else 1.0 - WEIGHT_SHARE
-        return share * bwd_ms[piece]
+        return SPLIT_BACKWARD[action.kind] * bwd_ms[piece]
     return cost
 
 

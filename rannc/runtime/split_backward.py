@@ -187,10 +187,14 @@ def _keeper(boundary: _Boundary):
 def _weight_side_outputs(boundary: _Boundary) -> list[torch.Tensor | None]:
     """Rerun the boundary node alone on what arrived at it in BI. Its weight-side next nodes are the only
     targets, so it computes just those outputs; a post-hook takes them as the node produced them. Nothing
-    else runs (`_rerun_alone`), so the node's saved tensors can go."""
+    else runs (`_rerun_alone`), so the node's saved tensors can go. A built-in node is called directly
+    instead (`_called_directly`): one autograd engine call costs about 0.5 ms on CUDA, more than most nodes."""
     seed_edges, seed_grads = boundary.seeds()
     if not seed_edges:  # no gradient arrived: the node's built-in formulas give none either
         return [None] * len(boundary.weight_slots)
+    direct = _called_directly(boundary)
+    if direct is not None:
+        return direct
     node = boundary.node
     targets = list(dict.fromkeys(node.next_functions[slot] for slot in boundary.weight_slots))
     produced: list[tuple[torch.Tensor | None, ...]] = []
@@ -202,6 +206,33 @@ def _weight_side_outputs(boundary: _Boundary) -> list[torch.Tensor | None]:
         for handle in handles:
             handle.remove()
     return [produced[0][slot] for slot in boundary.weight_slots]
+
+
+def _called_directly(boundary: _Boundary) -> list[torch.Tensor | None] | None:
+    """The boundary node's weight-side outputs from calling the node itself on what arrived in BI (it also
+    recomputes its input-side outputs, which are dropped), shaped and typed as the engine would hand them on
+    (summed to the next node's input shape, cast to its dtype). None where that cannot be done exactly: a
+    node implemented in Python, or a torch without the nodes' input metadata."""
+    node = boundary.node
+    if isinstance(node, torch.autograd.function.BackwardCFunction) or not callable(node):
+        return None
+    targets = [node.next_functions[slot] for slot in boundary.weight_slots]
+    metadata = [getattr(target, "_input_metadata", None) for target, _ in targets]
+    if any(meta is None for meta in metadata):
+        return None
+    with torch.no_grad():
+        produced = node(*boundary.arrived)
+    out = []
+    for slot, meta, (_, input_nr) in zip(boundary.weight_slots, metadata, targets):
+        grad = produced[slot]
+        if grad is not None:
+            expected = meta[input_nr]
+            if tuple(grad.shape) != tuple(expected.shape):
+                grad = grad.sum_to_size(tuple(expected.shape))
+            if grad.dtype != expected.dtype:
+                grad = grad.to(expected.dtype)
+        out.append(grad)
+    return out
 
 
 def _rerun_alone(boundaries: list[_Boundary], consumers: dict[Node, list[Node]]) -> bool:
