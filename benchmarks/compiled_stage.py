@@ -11,7 +11,6 @@ JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,26 +21,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import rannc  # noqa: E402
-from benchmarks.bert_throughput import make_batch  # noqa: E402
 from benchmarks.clip_speed import median_ms  # noqa: E402
-from bert.modeling import BertConfig, BertForPreTrainingWithCriterion  # noqa: E402
-from bert.optim import Lamb, bert_param_groups  # noqa: E402
+from benchmarks.step_overhead import deployed, one_device_bert  # noqa: E402
+from bert.modeling import BertForPreTrainingWithCriterion  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_file", default="bert/configs/bert_large.json")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    config = BertConfig.from_json_file(args.config_file)
+    args, device, config, batch, autocast = one_device_bert(__doc__)
+    cuda = device.type == "cuda"
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    batch = make_batch(config, args.batch, 128, 20, device, 0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     torch.manual_seed(0)
     model = BertForPreTrainingWithCriterion(config).to(device)
 
@@ -67,11 +55,7 @@ def main() -> None:
     result["plain_compiled_ms"] = median_ms(step_of(lambda: compiled_model(*batch)), device, args.repeats)
     model.zero_grad(set_to_none=True)
 
-    wrapped = rannc.RaNNCModule(model, Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0),
-                                accumulate_grads=False)
-    with autocast:
-        wrapped(*batch).backward()   # the first call deploys
-    stage = wrapped._engine.runtime.stage
+    stage = deployed(model, batch, autocast)._engine.runtime.stage
     stage_args = [batch[i] for i in stage.inputs]
     result["stage_eager_ms"] = median_ms(step_of(lambda: stage.module(*stage_args)[0]), device, args.repeats)
     params = [q for q in stage.module.parameters() if q.requires_grad]

@@ -30,8 +30,11 @@ from bert.modeling import BertConfig, BertForPreTrainingWithCriterion  # noqa: E
 from bert.optim import Lamb, bert_param_groups  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def one_device_bert(description: str):
+    """What a one-process BERT benchmark starts from: its arguments (--config_file, --batch, --repeats), the
+    device, the process group, the BERT config, a batch of it (seq 128, 20 masked positions) and the autocast
+    context (bf16 on GPUs)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_file", default="bert/configs/bert_large.json")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
@@ -42,6 +45,20 @@ def main() -> None:
     config = BertConfig.from_json_file(args.config_file)
     batch = make_batch(config, args.batch, 128, 20, device, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    return args, device, config, batch, autocast
+
+
+def deployed(model, batch, autocast):
+    """The model wrapped by rannc (LAMB, nothing accumulated) after its first call, which deploys it."""
+    wrapped = rannc.RaNNCModule(model, Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0),
+                                accumulate_grads=False)
+    with autocast:
+        wrapped(*batch).backward()
+    return wrapped
+
+
+def main() -> None:
+    args, device, config, batch, autocast = one_device_bert(__doc__)
     torch.manual_seed(0)
     model = BertForPreTrainingWithCriterion(config).to(device)
 
@@ -55,10 +72,7 @@ def main() -> None:
 
     result = {"eager_forward_ms": median_ms(eager_forward, device, args.repeats),
               "eager_forward_backward_ms": median_ms(eager_step, device, args.repeats)}
-    wrapped = rannc.RaNNCModule(model, Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0),
-                                accumulate_grads=False)
-    with autocast:
-        wrapped(*batch).backward()   # the first call deploys
+    wrapped = deployed(model, batch, autocast)
     stage = wrapped._engine.runtime.stage
 
     def stage_forward():

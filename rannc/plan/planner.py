@@ -160,9 +160,15 @@ def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfi
     found: list[Candidate] = []
     best = math.inf
     smallest_need = math.inf
-    for schedule, v in schedule_options(config, in_call_ok):
-        if config.stage_replicas:
-            break
+
+    def keep(results: list[Candidate], need: float) -> None:
+        nonlocal best, smallest_need
+        smallest_need = min(smallest_need, need)
+        found.extend(results)
+        best = min([best] + [c.step_ms for c in results])
+
+    options = schedule_options(config, in_call_ok)
+    for schedule, v in ([] if config.stage_replicas else options):
         groups = space(config.replace(virtual_stages=v), world_size, costs.n, batch_size, batch_range)
         if schedule != SCHEDULE_ORDER[0]:   # one stage runs every schedule alike: priced once, as GPipe
             groups = {key: [s for s in counts if s > 1] for key, counts in groups.items()}
@@ -176,17 +182,16 @@ def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfi
             counts = groups[(replicas, microbatches)]
             # where a stage's held activations depend on the stage count: one search per count
             for searched in ([counts] if schedule not in DEPTH_DEPENDENT else [[s] for s in counts]):
-                virtual = v if searched[0] > 1 else 1
-                results, need = _best_splits(costs, [table], searched, microbatches, cap, best, schedule, virtual)
-                smallest_need = min(smallest_need, need)
-                for cand in results:
-                    found.append(cand)
-                    best = min(best, cand.step_ms)
+                keep(*_best_splits(costs, [table], searched, microbatches, cap, best, schedule,
+                                   v if searched[0] > 1 else 1))
     # unequal replica counts per stage, after the equal ones so that their bound can skip most
-    for schedule, v in schedule_options(config, in_call_ok):
+    cut_ok = None if row_cuts is None else np.asarray(row_cuts, dtype=bool)
+    for schedule, v in options:
         if v > 1:
             continue
         for vector in replica_vectors(config, world_size, costs.n):
+            # a stage starting where the replica count changes must start at a boundary cut by rows
+            starts = [None if k == 0 or vector[k - 1] == vector[k] else cut_ok for k in reversed(range(len(vector)))]
             for microbatches in microbatch_candidates(config, batch_size, max(vector)):
                 if not all(rows_within(batch_size, r, microbatches, batch_range) for r in set(vector)):
                     continue
@@ -195,15 +200,7 @@ def search(costs: CostModel, world_size: int, batch_size: int, config: RannConfi
                 if bound >= best * (1.0 + SIMPLER_PLAN_MARGIN):
                     continue
                 tables = [costs.table(r, microbatch_size(batch_size, r, microbatches)) for r in reversed(vector)]
-                # a stage starting where the replica count changes must start at a boundary cut by rows
-                starts = [None if k == 0 or vector[k - 1] == vector[k] or row_cuts is None
-                          else np.asarray(row_cuts, dtype=bool) for k in reversed(range(len(vector)))]
-                results, need = _best_splits(costs, tables, [len(vector)], microbatches, cap, best, schedule,
-                                             starts=starts)
-                smallest_need = min(smallest_need, need)
-                for cand in results:
-                    found.append(cand)
-                    best = min(best, cand.step_ms)
+                keep(*_best_splits(costs, tables, [len(vector)], microbatches, cap, best, schedule, starts=starts))
     return found, smallest_need
 
 
