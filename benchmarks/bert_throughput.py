@@ -9,8 +9,17 @@ only; --full_sequence_mlm runs the seed's head over every position. Prints the r
 peak memory per GPU and the ratio rannc / DDP, and after the timed steps a few steps timed phase by phase
 (forward, backward, clipping, optimizer; each followed by a device sync) to compare with the plan's parts.
 
-A contender `rannc:ITEM=VALUE;...` forces rannc config items (`rannc:partition_num=2`,
-`rannc:partition_num=1`): the planner's choice measured against its alternatives in one launch.
+Contenders (`--contenders`, comma-separated): `rannc`; `rannc:ITEM=VALUE;...` forcing rannc config items
+(`rannc:partition_num=2`, `rannc:compile=true`): the planner's choice measured against its alternatives in one
+launch; `ddp` (DistributedDataParallel over the plain model); on one process also `eager` (the plain model),
+`compiled` (torch.compile of the plain model) and `hf` (Hugging Face's BertForPreTraining of the same shape
+with SDPA attention, its MLM head over every position, as it ships). MFU counts the model's FLOPs
+(`flops_per_sample`) against --peak_tflops (989, H100/H200 bf16 dense, on CUDA).
+
+One-GPU comparison of issue-level targets:
+
+    torchrun --nproc_per_node=1 benchmarks/bert_throughput.py --batch_per_gpu 64 \
+        --contenders eager,compiled,hf,rannc,rannc:compile=true
 """
 
 from __future__ import annotations
@@ -61,6 +70,44 @@ def contender_items(kind: str) -> dict:
     return items
 
 
+def flops_per_sample(config: BertConfig, seq: int, preds: int, full_sequence_mlm: bool) -> float:
+    """Training FLOPs of one sequence (3 x the forward's multiply-adds x 2): the encoder's matmuls over every
+    position, attention's two S x S products, the pooler, and the MLM transform and decoder over the scored
+    positions (`preds`, or all with the full head)."""
+    h, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    encoder = layers * seq * (4 * h * h + 2 * h * ff + 2 * seq * h)
+    scored = seq if full_sequence_mlm else preds
+    head = scored * (h * h + h * config.padded_vocab_size) + h * h + 2 * h
+    return 6.0 * (encoder + head)
+
+
+def hf_model(config: BertConfig):
+    """Hugging Face's BertForPreTraining of the same shape (SDPA attention, dropout as configured)."""
+    import transformers
+
+    hf_config = transformers.BertConfig(
+        vocab_size=config.padded_vocab_size, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
+        type_vocab_size=config.type_vocab_size, hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob, attn_implementation="sdpa")
+    return transformers.BertForPreTraining(hf_config)
+
+
+class HFLoss(torch.nn.Module):
+    """Hugging Face's model called with this benchmark's masked-positions batch: labels scattered to every
+    position (-100 elsewhere), the loss it computes itself."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, segments, mask, positions, masked_ids, next_sentence):
+        labels = torch.full_like(ids, -100).scatter_(1, positions, masked_ids)
+        return self.model(input_ids=ids, token_type_ids=segments, attention_mask=mask, labels=labels,
+                          next_sentence_label=next_sentence).loss
+
+
 def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, sync):
     """One training step; returns the loss and the milliseconds of each phase (with `sync` a device sync after
     each, so that the phases are the device's; without it they are the host's)."""
@@ -89,17 +136,30 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     name, items = kind, contender_items(kind)
     kind = kind.split(":")[0]
     torch.manual_seed(args.seed)
-    model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
-    if kind == "ddp":
+    if kind in ("eager", "compiled", "hf") and world > 1:
+        raise ValueError(f"contender {kind} runs on one process only (use ddp or rannc on several)")
+    if kind == "hf":
+        if args.full_sequence_mlm:
+            raise ValueError("contender hf takes the masked-positions batch")
+        model = HFLoss(hf_model(config))
+    else:
+        model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
+    if kind != "rannc":
         model = model.to(device)
     optimizer = Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0)
     if kind == "rannc":
         # every step ends with zero_grad(set_to_none=True) and nothing accumulates: tell the planner
         items = {**({"partition_num": args.partition_num} if args.partition_num else {}), **items}
         wrapped = rannc.RaNNCModule(model, optimizer, accumulate_grads=False, **items)
-    else:
+    elif kind == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                             if device.type == "cuda" else None)
+    elif kind == "compiled":
+        wrapped = torch.compile(model)
+    elif kind in ("eager", "hf"):
+        wrapped = model
+    else:
+        raise ValueError(f"unknown contender {kind!r}: rannc[:ITEM=VALUE;...], ddp, eager, compiled or hf")
     batch = make_batch(config, args.batch_per_gpu, args.seq, args.preds, device, args.seed + rank,
                        args.full_sequence_mlm)
     use_autocast = device.type == "cuda" and not args.no_autocast
@@ -126,11 +186,15 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     peaks = [None] * world
     dist.all_gather_object(peaks, round(peak, 2))
-    loss_value = loss.item() if kind == "rannc" else loss.detach().clone()
+    loss_value = loss.detach().clone()
     if kind == "ddp":
         dist.all_reduce(loss_value)
-        loss_value = loss_value.item() / world
-    result = {"contender": name, "samples_per_s": args.steps * args.batch_per_gpu * world / elapsed,
+        loss_value /= world
+    loss_value = loss_value.item()
+    samples_per_s = args.steps * args.batch_per_gpu * world / elapsed
+    flops = flops_per_sample(config, args.seq, args.preds, args.full_sequence_mlm)
+    result = {"contender": name, "samples_per_s": samples_per_s,
+              "mfu": samples_per_s * flops / world / (args.peak_tflops * 1e12) if args.peak_tflops else None,
               "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks, "first_step_s": setup_s,
               "final_loss": loss_value, "breakdown_ms": breakdown}
     if kind == "rannc":
@@ -162,6 +226,8 @@ def main() -> None:
     p.add_argument("--no_autocast", action="store_true")
     p.add_argument("--full_sequence_mlm", action="store_true", help="the seed's MLM head over every position")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak dense TFLOP/s of one device for MFU (default 989 on CUDA, H100/H200 bf16; none on CPU)")
     p.add_argument("--out", default="")
     p.add_argument("--dump_stacks_after_s", type=float, default=0,
                    help="print every thread's stack after this many seconds (to see where a run hangs)")
@@ -176,6 +242,8 @@ def main() -> None:
         dist.init_process_group("gloo")
         device = torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = 989.0
     config = BertConfig.from_json_file(args.config_file)
     with torch.device("meta"):
         n_params = count_parameters(BertForPreTrainingWithCriterion(config))
@@ -200,13 +268,16 @@ def main() -> None:
                 print(row["plan"], flush=True)
     if rank == 0:
         ok = {r["contender"]: r for r in rows if "error" not in r}
-        print("| contender | samples/s | step ms | peak GiB per GPU |\n| --- | ---: | ---: | --- |")
+        print("| contender | samples/s | step ms | MFU % | peak GiB per GPU | forward / backward / clip / optimizer ms "
+              "|\n| --- | ---: | ---: | ---: | --- | --- |")
         for r in rows:
             if "error" in r:
-                print(f"| {r['contender']} | {r['error']} | | |")
+                print(f"| {r['contender']} | {r['error']} | | | | |")
             else:
-                print(f"| {r['contender']} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} | "
-                      f"{r['peak_mem_gib_per_gpu']} |")
+                mfu = f"{100 * r['mfu']:.1f}" if r.get("mfu") else "-"
+                parts = " / ".join(f"{v:.1f}" for v in r["breakdown_ms"].values())
+                print(f"| {r['contender']} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} | {mfu} | "
+                      f"{r['peak_mem_gib_per_gpu']} | {parts} |")
         if "rannc" in ok and "ddp" in ok:
             print(f"rannc / DDP = {ok['rannc']['samples_per_s'] / ok['ddp']['samples_per_s']:.3f}")
         if args.out:

@@ -22,6 +22,7 @@ from rannc.schedule import names as schedule_names
 from rannc.schedule import supports_virtual_stages
 
 ENV_PREFIX = "RANNC_"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CONF_FILE_NAME = "rannc_conf.toml"
 
 logger = logging.getLogger("rannc.config")
@@ -131,6 +132,15 @@ class RannConfig:
                                         "zero_grad(set_to_none=True), which frees it for activations"})
     plan_grad_clipping: bool = dataclasses.field(
         default=True, metadata={"help": "the planner counts a global gradient clipping in every step"})
+    compile: bool = dataclasses.field(
+        default=False, metadata={"help": "run every stage's module under torch.compile (inductor); the runs of "
+                                         "blocks the profiler times whole are compiled too, and a recompilation "
+                                         "in the steady state is logged as a warning; not with zb_h1 (a "
+                                         "compiled stage's backward is one autograd node, which the split "
+                                         "backward cannot divide)"})
+    compile_mode: str = dataclasses.field(
+        default="default", metadata={"help": "torch.compile's mode for compiled stages: default, reduce-overhead "
+                                             "(CUDA graphs), max-autotune or max-autotune-no-cudagraphs"})
     max_blocks: int = dataclasses.field(
         default=128, metadata={"help": "at most this many blocks are planned over (coarsening target)"})
     profile_cache_dir: str = dataclasses.field(
@@ -273,6 +283,8 @@ def _check_range(name: str, value: Any, source: str) -> None:
     elif name in ("min_pipeline", "max_pipeline", "opt_param_factor", "max_blocks", "profile_repeats") and (
             value < (0 if name == "opt_param_factor" else 1)):
         bad = "is too small"
+    elif name == "compile_mode" and value not in COMPILE_MODES:
+        bad = f"must be one of {', '.join(COMPILE_MODES)}"
     elif name == "schedule" and value not in ["auto", *schedule_names()]:
         bad = f"must be one of auto, {', '.join(schedule_names())}"
     elif name == "virtual_stages" and value < 1:
@@ -313,4 +325,8 @@ def _checked_together(config: RannConfig) -> RannConfig:
     if config.virtual_stages > 1 and config.schedule != "auto" and not supports_virtual_stages(config.schedule):
         raise ConfigError(f"rannc config item 'virtual_stages' ({config.virtual_stages}) needs a schedule with "
                           f"virtual stages (interleaved_1f1b), not '{config.schedule}'")
+    if config.compile and config.schedule == "zb_h1":
+        raise ConfigError("rannc config item 'compile' cannot be used with schedule 'zb_h1': a compiled stage's "
+                          "backward is one autograd node, which the split into input and weight gradients cannot "
+                          "divide; use gpipe, 1f1b, interleaved_1f1b or auto")
     return config

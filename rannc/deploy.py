@@ -21,6 +21,7 @@ from rannc import dist as rdist
 from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
+from rannc.graph.compiled import CompiledModule
 from rannc.graph.signature import CallSignature
 from rannc.graph.stage import ROWS_NONE, build_stage, row_cuts
 from rannc.plan.deployment import Deployment, DeploymentError
@@ -152,7 +153,7 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
                             _parameter_dtype(captured), device)
     profile = build_profile_set(captured, lin, blocks, global_args, sizes, device, links, config.profile_repeats,
                                 config.profile_cache_dir, _autocast_dtype(device), log=logger.info,
-                                show_progress=config.verbose, update=update)
+                                show_progress=config.verbose, update=update, compile_blocks=config.compile)
     logger.info("Profiling finished")
     logger.info("Assuming batch size: %d", batch_size)
     return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint, captured.batch_range,
@@ -179,7 +180,10 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
     _check_cuts(deployment, stages)
     pieces = deployment.pieces_of_rank(rank)
     if pieces:
-        runtime = StageRuntime([Piece(stages[c], deployment.stages[c].recompute) for c in pieces],
+        runtime = StageRuntime([Piece(stages[c], deployment.stages[c].recompute,
+                                      CompiledModule(stages[c].module, f"stage {c}", mode=config.compile_mode)
+                                      if config.compile else None)
+                                for c in pieces],
                                captured.batched_inputs, device, forward_group=forward_group,
                                gradient_group=gradient_group)
         if config.trace_events:

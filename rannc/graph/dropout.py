@@ -49,6 +49,11 @@ def recomputing():
     return _switched("recomputing", True)
 
 
+def switches() -> tuple[bool, bool, bool]:
+    """The switches now (dropout active, train mode, recomputing): compiled stages note them per call."""
+    return _state.active, _state.training, _state.recomputing
+
+
 def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
     return torch.ops.aten.dropout.default(x, p, train and _state.active)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import statistics
 import time
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from rannc import dist as rdist
 from rannc.graph.blocks import Blocks, Linearized
 from rannc.graph.capture import CapturedGraph, named_graph_tensors
+from rannc.graph.compiled import CompiledModule
 from rannc.graph.stage import build_stage
 from rannc.profile.profiles import BlockProfile, Calibration, Linear, ProfileSet, UpdateProfile
 from rannc.version import __version__
@@ -50,10 +52,10 @@ def _bytes(t: torch.Tensor) -> int:
 
 
 def cache_key(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
-              autocast_dtype) -> str:
+              autocast_dtype, compile_blocks: bool = False) -> str:
     digest = hashlib.sha256()
     for part in (captured.fingerprint, str(blocks.bounds), str(sizes), device_name(device), str(autocast_dtype),
-                 torch.__version__, __version__):
+                 torch.__version__, __version__, "compiled" if compile_blocks else "eager"):
         digest.update(part.encode())
     return digest.hexdigest()[:20]
 
@@ -68,14 +70,22 @@ WINDOW_REPEATS = 5          # timed runs of a calibration window (see _window_re
 
 def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                    sizes: list[int], device: torch.device, repeats: int = 3, autocast_dtype=None,
-                   show_progress: bool = True) -> tuple[list[BlockProfile], Calibration]:
+                   show_progress: bool = True, compile_blocks: bool = False) -> tuple[list[BlockProfile], Calibration]:
     """Time and activation bytes of every block at each micro-batch size in `sizes`; then runs of consecutive
-    blocks (the whole model when it fits) timed as one stage, for the calibration (see `Calibration`)."""
+    blocks (the whole model when it fits) timed as one stage, for the calibration (see `Calibration`).
+
+    With `compile_blocks` (the compile item) each run of blocks is also timed under torch.compile at the
+    largest size, as stages will run, and every block's times and the calibration are scaled by what compile
+    took against eager there (forward and backward apart; `compiled_scale`). Compiling every block at every
+    size would take minutes to hours for large models; one static compile per run costs what the deployed
+    stage's compile costs, and a one-stage plan at that size then finds it in inductor's cache."""
     stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
     windows = _windows(stages, device)
+    window_stages: dict[tuple[int, int], object] = {}
     measured: list[dict[str, list[tuple[float, float]]]] = [
         {"fwd": [], "bwd": [], "act": [], "out": []} for _ in stages]
     runs = []
+    compiled_runs: list[tuple[float, float, float, float]] = []   # eager fwd, compiled fwd, eager bwd, compiled bwd
     # Runs inside the caller's first forward, often under its own progress bar: leave=False removes this
     # inner bar when done, and disable=None turns it off when stderr is not a terminal, so redirected logs
     # get no carriage-return redraws (tqdm.notebook still shows it).
@@ -89,7 +99,8 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
         for k, stage in enumerate(stages):
             if any(first == k for first, _ in windows):
                 at_start[k] = dict(values)
-            fwd_ms, bwd_ms, act, outs, _ = _profile_one(stage, values, batch, device, repeats, autocast_dtype)
+            fwd_ms, bwd_ms, act, outs, _ = _profile_one(stage, stage.module, values, batch, device, repeats,
+                                                        autocast_dtype)
             m = measured[k]
             m["fwd"].append((size, fwd_ms))
             m["bwd"].append((size, bwd_ms))
@@ -106,9 +117,17 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
                     del values[name]
             bar.update(1)
         for first, end in windows:
-            whole = build_stage(captured, lin, blocks.bounds[first], blocks.bounds[end])
-            fwd_ms, bwd_ms, act, outs, (fresh, warm) = _profile_one(whole, at_start.pop(first), batch, device,
+            if (first, end) not in window_stages:
+                window_stages[first, end] = build_stage(captured, lin, blocks.bounds[first], blocks.bounds[end])
+            whole = window_stages[first, end]
+            start_values = at_start.pop(first)
+            fwd_ms, bwd_ms, act, outs, (fresh, warm) = _profile_one(whole, whole.module, start_values, batch, device,
                                                                     _window_repeats(repeats), autocast_dtype)
+            if compile_blocks and size == max(sizes):
+                compiled = CompiledModule(whole.module, f"blocks {first}-{end - 1}")
+                c_fwd, c_bwd, *_ = _profile_one(whole, compiled, start_values, batch, device,
+                                                _window_repeats(repeats), autocast_dtype)
+                compiled_runs.append((fwd_ms, c_fwd, bwd_ms, c_bwd))
             sent = sum(_bytes(o) for o in outs if isinstance(o, torch.Tensor)) if not whole.is_last else 0
             grads = sum(_bytes(t) for t in whole.parameters() if t.requires_grad)
             # what the cost model does not count: beyond the activations with gradients already there, and
@@ -124,7 +143,35 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
         profiles.append(BlockProfile(fwd_ms=Linear.fit(m["fwd"]), bwd_ms=Linear.fit(m["bwd"]),
                                      activation_bytes=Linear.fit(m["act"]), out_bytes=Linear.fit(m["out"]),
                                      tensors=names, label=_label(stage)))
-    return profiles, calibrate(runs)
+    calibration = calibrate(runs)
+    if compile_blocks:
+        fwd, bwd = compiled_scale(profiles, calibration, compiled_runs)
+        if compiled_runs:
+            logger.info("compiled runs of blocks took %.2f of the eager forward and %.2f of the eager backward at "
+                        "%d samples: every block's times scaled by these", fwd, bwd, max(sizes))
+        else:
+            logger.warning("no run of two blocks or more fits the device: compile's gain is not in the profiles, "
+                           "the plan prices eager stages")
+    return profiles, calibration
+
+
+def compiled_scale(profiles: list[BlockProfile], calibration: Calibration,
+                   compiled_runs: list[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """Scale every block's forward and backward line, and the calibration's overheads with them, by the
+    ratio of compiled to eager time of the runs of blocks (eager fwd, compiled fwd, eager bwd, compiled bwd),
+    so that a stage is priced at its eager estimate times that ratio. Without runs (no run of two blocks or
+    more fits the device) nothing is scaled: returns (1, 1) and the caller says so."""
+    if not compiled_runs:
+        return 1.0, 1.0
+    fwd = sum(r[1] for r in compiled_runs) / max(sum(r[0] for r in compiled_runs), 1e-9)
+    bwd = sum(r[3] for r in compiled_runs) / max(sum(r[2] for r in compiled_runs), 1e-9)
+    for block in profiles:
+        block.fwd_ms = Linear(block.fwd_ms.fixed * fwd, block.fwd_ms.per_sample * fwd)
+        block.bwd_ms = Linear(block.bwd_ms.fixed * bwd, block.bwd_ms.per_sample * bwd)
+    o = calibration
+    o.fwd_overhead_ms = Linear(o.fwd_overhead_ms.fixed * fwd, o.fwd_overhead_ms.per_sample * fwd)
+    o.bwd_overhead_ms = Linear(o.bwd_overhead_ms.fixed * bwd, o.bwd_overhead_ms.per_sample * bwd)
+    return fwd, bwd
 
 
 def _window_repeats(repeats: int) -> int:
@@ -172,7 +219,7 @@ def _label(stage) -> str:
     return ""
 
 
-def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
+def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
     """Forward and backward time of one block (or run of blocks), with its parameters on the device for the
     measurement (the median of `repeats` runs after a warm-up; the fastest run, tried for the runs of many
     blocks, predicted the 4.9B model's step 8-9% short on one H200); also the bytes saved for backward, the
@@ -209,7 +256,7 @@ def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
             sync_device(device)
             t0 = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, autocast_dtype):
-                outs = stage.module(*args)
+                outs = run(*args)
             sync_device(device)
             t1 = time.perf_counter()
             diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
@@ -234,6 +281,7 @@ def _profile_one(stage, values, batch, device, repeats, autocast_dtype):
 
 
 _LINKS: dict[str, dict[str, float]] = {}
+logger = logging.getLogger("rannc.profile")
 
 
 def cached_links(device: torch.device, cache_dir: str, log=print) -> dict[str, float]:
@@ -316,10 +364,10 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
 def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                       sizes: list[int], device: torch.device, links: dict[str, float], repeats: int,
                       cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True,
-                      update: UpdateProfile | None = None) -> ProfileSet:
+                      update: UpdateProfile | None = None, compile_blocks: bool = False) -> ProfileSet:
     """Profiles of every block, from the on-disk cache when the same graph was profiled before; the links and
     the optimizer's profile (`update`) are measured apart and set on it."""
-    key = cache_key(captured, blocks, sizes, device, autocast_dtype)
+    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks)
     path = Path(cache_dir).expanduser() / f"profile_{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
@@ -334,8 +382,9 @@ def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
             log(f"Ignoring unreadable profile cache {path}")
     t0 = time.perf_counter()
     block_profiles, calibration = profile_blocks(captured, lin, blocks, inputs, sizes, device, repeats,
-                                                 autocast_dtype, show_progress)
-    log(f"Profiled {blocks.count} blocks at micro-batch sizes {sizes} in {time.perf_counter() - t0:.1f} s")
+                                                 autocast_dtype, show_progress, compile_blocks)
+    compiled = " (runs of blocks compiled)" if compile_blocks else ""
+    log(f"Profiled {blocks.count} blocks{compiled} at micro-batch sizes {sizes} in {time.perf_counter() - t0:.1f} s")
     tensor_bytes, trainable = tensor_table(captured)
     profile = ProfileSet(blocks=block_profiles, tensor_bytes=tensor_bytes, trainable=trainable,
                          device_name=device_name(device), device_memory_bytes=device_memory_bytes(device),

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from rannc.graph.compiled import CompiledModule
 from rannc.graph.dropout import recomputing
 from rannc.graph.stage import ROWS_NONE, StageGraph
 from rannc.runtime.chunks import Chunk, Route
@@ -63,9 +64,11 @@ class Piece:
 
     stage: StageGraph
     recompute: bool
+    compiled: CompiledModule | None = None   # the stage's module under torch.compile (the compile item)
 
     def __post_init__(self) -> None:
         self.params = self.stage.parameters()
+        self.run = self.compiled if self.compiled is not None else self.stage.module
 
 
 @dataclass
@@ -129,9 +132,9 @@ class StageRuntime:
         args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
                            for i in piece.stage.inputs]
         if piece.recompute and grad:
-            outputs = checkpoint(_first_run_then_recompute(piece.stage.module), *args, use_reentrant=False)
+            outputs = checkpoint(_first_run_then_recompute(piece.run), *args, use_reentrant=False)
         else:
-            outputs = piece.stage.module(*args)
+            outputs = piece.run(*args)
         if piece.stage.is_last:
             results.append((chunk, outputs))
         else:

@@ -1,0 +1,83 @@
+"""A stage (or block) module run under torch.compile, for the `compile` item.
+
+Inductor compiles the module through a backend that counts its compilations. Each call notes the
+situation it runs in (shapes, dtypes and requires_grad of the arguments, grad mode, autocast, and the mode
+switches of rannc.graph.dropout). A compilation on a situation never seen before is expected: the first
+micro-batch size, the other sizes, evaluation, a recomputing stage. A compilation on a situation that has
+run before means torch.compile's guards failed in the steady state, which costs seconds on every step:
+it is logged as a warning and counted in `recompiles`, which the tests check stays 0.
+
+The profiler times runs of blocks with the same wrapper, so that the planner prices what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rannc.graph import dropout
+
+logger = logging.getLogger("rannc.compile")
+
+
+class CompiledModule:
+    """Calls `module` through torch.compile (inductor), counting compilations and steady-state
+    recompilations. `name` says which module in the log ("stage 1", "blocks 0-9"). `dynamic` as
+    torch.compile's: None compiles the first shapes statically and recompiles once with dynamic ones when
+    they change; True compiles dynamic shapes from the start. `mode` as torch.compile's (its inductor
+    options: "reduce-overhead" replays CUDA graphs)."""
+
+    def __init__(self, module: torch.nn.Module, name: str, dynamic: bool | None = None, mode: str = "default"):
+        self.module = module
+        self.name = name
+        self.compiles = 0        # graphs compiled so far (more than one per situation with graph breaks)
+        self.recompiles = 0      # compilations in a situation that had run before
+        self._seen: set[tuple] = set()
+        self._options = _mode_options(mode, dynamic)
+        self._compiled = torch.compile(module, backend=self._backend, dynamic=dynamic)
+
+    def _backend(self, graph_module: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx  # inductor loads only when something compiles
+
+        self.compiles += 1
+        return compile_fx(graph_module, example_inputs, config_patches=self._options)
+
+    def __call__(self, *args):
+        situation = _situation(args)
+        before = self.compiles
+        out = self._compiled(*args)
+        if self.compiles > before:
+            if situation in self._seen:
+                self.recompiles += 1
+                logger.warning("rannc: %s was compiled again in a situation it had run before (%s): "
+                               "torch.compile's guards failed, and every such step pays the compilation",
+                               self.name, _describe(situation))
+            else:
+                logger.info("rannc: compiled %s for %s", self.name, _describe(situation))
+        self._seen.add(situation)
+        return out
+
+
+def _mode_options(mode: str, dynamic: bool | None) -> dict:
+    import torch._inductor
+
+    return dict(torch._inductor.list_mode_options(mode, dynamic))
+
+
+def _situation(args: tuple) -> tuple:
+    tensors = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else type(a)
+                    for a in args)
+    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    state = dropout.switches()
+    return tensors, torch.is_grad_enabled(), autocast, state
+
+
+def _describe(situation: tuple) -> str:
+    tensors, grad, autocast, (active, training, recomputing) = situation
+    shapes = ", ".join("x".join(map(str, t[0])) or "scalar" for t in tensors if isinstance(t, tuple))
+    flags = [f"grad {'on' if grad else 'off'}", f"autocast {autocast}" if autocast else "no autocast"]
+    flags += [name for name, on in (("dropout", active), ("train mode", training), ("recomputing", recomputing))
+              if on]
+    return f"inputs {shapes}; {', '.join(flags)}"

@@ -1,0 +1,128 @@
+"""The compile item: stages run under torch.compile (inductor, on the CPU here) train exactly like
+single-process eager training, the blocks are profiled compiled, and nothing recompiles in the steady state."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+
+import pytest
+import torch
+
+from rannc.config import ConfigError, RannConfig
+
+import models
+from distributed import run_ranks
+
+BATCH = 16
+RTOL = 1e-5
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="inductor needs a C++ compiler on the CPU")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / (b.abs().max().item() + 1e-3)
+
+
+def _train_compiled(rank, world, schedule, recompute):
+    """3 Adam steps of the tutorial MLP as 2 stages with compiled stages, beside the plain eager model;
+    returns the largest relative differences, the compilations per step and the recompilations counted."""
+    import rannc
+
+    warnings: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("rannc.compile").addHandler(Keep())
+    torch.manual_seed(1234)
+    model = models.make("mlp")
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3)
+    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, eps=1e-3)
+    wrapped = rannc.RaNNCModule(model, optimizer, compile=True, partition_num=2, schedule=schedule,
+                                recompute=recompute, min_pipeline=2, max_pipeline=2, max_blocks=2,
+                                profile_cache_dir="")
+    errors = {"loss": 0.0, "grad": 0.0, "param": 0.0, "eval": 0.0}
+    compiles = []
+    for step in range(4):
+        batch = models.global_batch("mlp", BATCH, seed=step)
+        loss = wrapped(*models.local_part(batch, rank, world))
+        loss.backward()
+        ref_loss = reference(*batch)
+        ref_loss.backward()
+        errors["loss"] = max(errors["loss"], abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
+        for n, p in reference.named_parameters():
+            errors["grad"] = max(errors["grad"], _relative(wrapped.get_param_grad(n), p.grad))
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+        pieces = wrapped._engine.runtime.pieces
+        compiles.append(sum(piece.compiled.compiles for piece in pieces))
+    state = wrapped.state_dict(sync_all_ranks=True)
+    for key, value in reference.state_dict().items():
+        errors["param"] = max(errors["param"], _relative(state[key], value))
+    with torch.no_grad():
+        batch = models.global_batch("mlp", BATCH, seed=99)
+        loss, ref_loss = wrapped(*models.local_part(batch, rank, world)), reference(*batch)
+        errors["eval"] = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    recompiles = sum(piece.compiled.recompiles for piece in wrapped._engine.runtime.pieces)
+    return errors, compiles, recompiles, warnings, wrapped.deployment.pipeline_depth
+
+
+@pytest.mark.parametrize("schedule,recompute", [("gpipe", "always"), ("1f1b", "never")])
+def test_compiled_stages_match_single_process(schedule, recompute):
+    """Two ranks, two compiled stages, two micro-batches: losses, gradients, parameters and evaluation equal
+    the eager single-process model's to 1e-5; the compilations of the first step (and the first backward
+    under recomputation) are all there is: none in steps 2 to 4, and no steady-state warning."""
+    for rank, (errors, compiles, recompiles, warnings, depth) in enumerate(
+            run_ranks(_train_compiled, 2, schedule, recompute, timeout=600)):
+        assert depth == 2
+        for what, err in errors.items():
+            assert err < RTOL, f"{schedule}: rank {rank}: {what} differs by {err:.2e} (relative)"
+        assert compiles[0] > 0, f"rank {rank}: its stage never compiled"
+        assert compiles[1:] == [compiles[0]] * 3, f"rank {rank}: compilations after each step {compiles}"
+        assert recompiles == 0 and not warnings, f"rank {rank}: {warnings}"
+
+
+def test_recompilation_in_a_seen_situation_is_logged(caplog):
+    """A compilation in a situation that ran before (here: the compiled code thrown away) is counted and
+    logged as a warning naming the module."""
+    from rannc.graph.compiled import CompiledModule
+
+    module = torch.nn.Linear(4, 2)
+    compiled = CompiledModule(module, "stage 0")
+    x = torch.randn(3, 4)
+    with caplog.at_level(logging.INFO, logger="rannc.compile"):
+        compiled(x)
+        compiled(x)
+        assert (compiled.compiles, compiled.recompiles) == (1, 0)
+        torch._dynamo.reset()
+        compiled(x)
+    assert (compiled.compiles, compiled.recompiles) == (2, 1)
+    assert "stage 0 was compiled again" in caplog.text
+    torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_compile_refuses_the_split_backward():
+    with pytest.raises(ConfigError, match="'compile' cannot be used with schedule 'zb_h1'"):
+        RannConfig().replace(compile=True, schedule="zb_h1")
+
+
+def test_compiled_scale_prices_stages_at_the_compiled_ratio():
+    """Blocks and calibration scaled by compiled / eager of the runs of blocks: forward and backward apart."""
+    from rannc.profile.profiler import compiled_scale
+    from rannc.profile.profiles import BlockProfile, Calibration, Linear
+
+    blocks = [BlockProfile(Linear(1.0, 2.0), Linear(3.0, 4.0), Linear(), Linear(), []) for _ in range(2)]
+    calibration = Calibration(fwd_overhead_ms=Linear(0.5, 0.1), bwd_overhead_ms=Linear(1.0, 0.0))
+    scale = compiled_scale(blocks, calibration, [(10.0, 6.0, 20.0, 15.0), (10.0, 8.0, 20.0, 15.0)])
+    assert scale == pytest.approx((0.7, 0.75))
+    assert blocks[1].fwd_ms(1.0) == pytest.approx(0.7 * 3.0) and blocks[0].bwd_ms(2.0) == pytest.approx(0.75 * 11.0)
+    assert calibration.fwd_overhead_ms(10.0) == pytest.approx(0.7 * 1.5)
+    assert compiled_scale(blocks, calibration, []) == (1.0, 1.0)
