@@ -7,7 +7,9 @@ under each schedule, in one launch:
 
 Each rank runs one thread on the CPU (profiling and training alike), so that two ranks on two cores measure
 what they were profiled at. A step is what a training loop does: forward, backward, clipping by the global
-norm and the optimizer step. Prints one row per schedule: plan, predicted and measured ms, their ratio.
+norm and the optimizer step. Every contender plans on one profile (measured once in the launch), and the
+steps are timed in rounds over the contenders. Prints one row per schedule: plan, predicted and measured ms
+(median and quartiles), their ratio; for `auto` whether it chose the fastest measured.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -28,7 +32,8 @@ import rannc  # noqa: E402
 from examples.tutorial import Net  # noqa: E402
 
 
-def measure(spec: str, args, device) -> dict:
+def deploy(spec: str, args, device, cache_dir: str):
+    """One contender's RaNNCModule, deployed by a first step, with its optimizer and local batch."""
     schedule, _, virtual = spec.partition(":")
     torch.manual_seed(0)
     model = Net(args.hidden, args.layers).to(device)
@@ -36,31 +41,41 @@ def measure(spec: str, args, device) -> dict:
     wrapped = rannc.RaNNCModule(model, optimizer, schedule=schedule, virtual_stages=int(virtual or 1),
                                 partition_num=args.partition_num, accumulate_grads=False,
                                 min_pipeline=args.microbatches, max_pipeline=args.microbatches,
-                                profile_cache_dir="")
+                                profile_cache_dir=cache_dir)
     local = args.batch // rannc.get_world_size()
-    x = torch.randn(local, args.hidden, device=device)
-    target = torch.randn(local, args.hidden, device=device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = wrapped(x, target)
-        loss.backward()
-        wrapped.clip_grad_norm(1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        if step >= args.warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    d = wrapped.deployment
+    batch = (torch.randn(local, args.hidden, device=device), torch.randn(local, args.hidden, device=device))
+    contender = (wrapped, optimizer, batch)
+    timed_step(contender, device)
+    return contender
+
+
+def timed_step(contender, device) -> float:
+    """One training step (forward, backward, clipping, optimizer) between barriers, in ms."""
+    wrapped, optimizer, batch = contender
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    loss = wrapped(*batch)
+    loss.backward()
+    wrapped.clip_grad_norm(1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def row(spec: str, contender, times: list[float]) -> dict:
+    d = contender[0].deployment
     measured = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4)
     return {"asked": spec, "schedule": d.schedule, "stages": d.pipeline_depth, "virtual_stages": d.virtual_stages,
-            "microbatches": d.microbatch_count,
+            "microbatches": d.microbatch_count, "actions_per_rank": 2 * d.microbatch_count * d.virtual_stages
+            + (d.microbatch_count if d.schedule == "zb_h1" else 0),
             "predicted_ms": round(d.predicted_step_ms, 3), "measured_ms": round(measured, 3),
+            "measured_quartiles_ms": [round(q, 3) for q in (quartiles[0], quartiles[2])],
             "predicted_over_measured": round(d.predicted_step_ms / measured, 3),
             "bubble": round(d.bubble_fraction, 3)}
 
@@ -80,10 +95,31 @@ def main() -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    rows = [measure(schedule, args, device) for schedule in args.schedules.split(",")]
+    # One profile for every contender (the first profiles, the others read it), so that the predictions
+    # differ only by the plan; steps timed in rounds over the contenders, so that the machine's drift
+    # reaches every contender alike.
+    rannc.dist.init()
+    cache_dir = [tempfile.mkdtemp(prefix="rannc_profiles_") if rannc.get_rank() == 0 else None]
+    dist.broadcast_object_list(cache_dir, 0)
+    specs = args.schedules.split(",")
+    contenders = [deploy(spec, args, device, cache_dir[0]) for spec in specs]
+    times: list[list[float]] = [[] for _ in specs]
+    for step in range(args.warmup + args.steps):
+        for k, contender in enumerate(contenders):
+            ms = timed_step(contender, device)
+            if step >= args.warmup:
+                times[k].append(ms)
+    rows = [row(spec, contender, t) for spec, contender, t in zip(specs, contenders, times)]
     if rannc.get_rank() == 0:
-        for row in rows:
-            print(json.dumps(row), flush=True)
+        shutil.rmtree(cache_dir[0], ignore_errors=True)
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        fastest = min(rows, key=lambda r: r["measured_ms"])
+        for r in rows:
+            if r["asked"].startswith("auto"):
+                print(f"{r['asked']} chose {r['schedule']} (v={r['virtual_stages']}): measured {r['measured_ms']} ms, "
+                      f"the fastest measured {fastest['asked']} {fastest['measured_ms']} ms "
+                      f"({r['measured_ms'] / fastest['measured_ms']:.3f}x)", flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)

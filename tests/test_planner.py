@@ -237,3 +237,15 @@ def test_unequal_replicas_give_every_rank_work():
     assert idle.idle_ranks() == [3] and "idle ranks: [3]" in idle.table()
     with pytest.raises(PlanningError, match="stage_replicas"):
         plan(profile, _bounds(8), 3, 64, RannConfig(stage_replicas="2,2"), "f")
+
+
+def test_both_directions_of_a_cut_are_priced():
+    """A stage after a cut receives values in forward and sends their gradients back in backward: as many
+    bytes, one transfer each; the first stage sends no gradients, the last no values."""
+    profile = _profile(param_bytes=GB, memory=40 * GB)
+    profile.p2p_latency_ms = 0.5
+    d = plan(profile, _bounds(16), 2, 64, RannConfig(partition_num=2, min_pipeline=4, max_pipeline=4), "f")
+    transfer = 0.5 + 16 * 1e5 / 1e7             # latency + a cut's bytes for a micro-batch of 16 samples
+    first, last = d.stages
+    assert (first.send_ms, first.grad_send_ms) == (pytest.approx(transfer), 0.0)
+    assert (last.send_ms, last.grad_send_ms) == (0.0, pytest.approx(transfer))

@@ -40,7 +40,7 @@ MEMORY_ALLOWANCE = 0.03
 class StageCost:
     fwd_ms: float                  # per micro-batch, per replica
     bwd_ms: float                  # including the recomputed forward
-    send_ms: float
+    send_ms: float                 # the values to the next stage
     allreduce_ms: float            # the whole gradient all-reduce of the stage's replicas
     exposed_allreduce_ms: float    # the part not hidden behind the last micro-batch's backward
     optimizer_ms: float
@@ -49,10 +49,11 @@ class StageCost:
     activation_bytes: int          # one micro-batch
     memory_bytes: int
     recompute: bool
+    grad_send_ms: float = 0.0      # the received values' gradients back to the previous stage
 
     @property
     def slot_ms(self) -> float:
-        return self.fwd_ms + self.bwd_ms + self.send_ms
+        return self.fwd_ms + self.bwd_ms + self.send_ms + self.grad_send_ms
 
     @property
     def tail_ms(self) -> float:
@@ -150,6 +151,10 @@ class RangeTable:
         self.out_bytes = sent[None, :]
         send = np.where(sent > 0, profile.p2p_latency_ms + sent / profile.p2p_bytes_per_ms, 0.0)
         self.send = np.broadcast_to(send[None, :], (n + 1, n + 1))
+        # the backward sends the gradients of what the range received (as many bytes), one transfer each way
+        grad_send = np.where(self.in_bytes > 0, profile.p2p_latency_ms + self.in_bytes / profile.p2p_bytes_per_ms,
+                             0.0)
+        self.grad_send = np.broadcast_to(grad_send, (n + 1, n + 1))
         grad = model.grad_bytes
         if replicas > 1:
             ring = 2.0 * (replicas - 1) / replicas / profile.allreduce_bytes_per_ms
@@ -195,7 +200,7 @@ class RangeTable:
         policy = self.model.recompute
         plain_memory = self.memory(held, False)
         recompute_memory = self.memory(held, True)
-        plain_slot = self.fwd + self.bwd + self.send
+        plain_slot = self.fwd + self.bwd + self.send + self.grad_send
         recompute_slot = plain_slot + self.fwd
         if policy == "never":
             use = np.zeros_like(plain_slot, dtype=bool)
@@ -216,6 +221,7 @@ class RangeTable:
         recompute = bool(use[i, j])
         fwd, bwd = float(self.fwd[i, j]), float(self.bwd[i, j])
         return StageCost(fwd_ms=fwd, bwd_ms=bwd + (fwd if recompute else 0.0), send_ms=float(self.send[i, j]),
+                         grad_send_ms=float(self.grad_send[i, j]),
                          allreduce_ms=float(self.allreduce[i, j]), exposed_allreduce_ms=float(self.exposed[i, j]),
                          optimizer_ms=float(self.optimizer[i, j]), clip_ms=float(self.clip[i, j]),
                          param_bytes=int(self.model.tensor_bytes[i, j]), activation_bytes=int(self.act[i, j]),

@@ -30,6 +30,7 @@ class StagePlan:
     exposed_allreduce_ms: float = 0.0   # the all-reduce's part not hidden behind the backward
     optimizer_ms: float = 0.0      # once per step
     clip_ms: float = 0.0           # once per step
+    grad_send_ms: float = 0.0      # per micro-batch, the gradients back to the previous stage
 
     @property
     def replicas(self) -> int:

@@ -395,7 +395,8 @@ def _ranges(cuts: list[np.ndarray], stage_count: int, n: int) -> list[tuple[int,
 
 
 def action_costs(fwd_ms: list[float], bwd_ms: list[float], depth: int):
-    """Per-action durations for the simulator from each piece's forward (with its send) and backward."""
+    """Per-action durations for the simulator from each piece's forward (with its send) and backward (with
+    its gradients' send; BI and BW take their shares of it)."""
     def cost(stage: int, action) -> float:
         piece = action.stage * depth + stage
         if action.kind == "F":
@@ -424,7 +425,7 @@ def simulated_step(cand: Candidate, schedule: str) -> float:
     depth, v = cand.stage_count, cand.virtual_stages
     lists = get_schedule(schedule)(depth, cand.microbatches, v)
     fwd = [c.fwd_ms + c.send_ms for c in cand.costs]
-    bwd = [c.bwd_ms for c in cand.costs]
+    bwd = [c.bwd_ms + c.grad_send_ms for c in cand.costs]
     return simulate(lists, action_costs(fwd, bwd, depth)).step_ms + max(_rank_tails(cand))
 
 
@@ -475,7 +476,7 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
                         bwd_ms=c.bwd_ms, allreduce_ms=c.allreduce_ms, param_bytes=c.param_bytes,
                         activation_bytes=c.activation_bytes, memory_bytes=c.memory_bytes, send_ms=c.send_ms,
                         exposed_allreduce_ms=c.exposed_allreduce_ms, optimizer_ms=c.optimizer_ms,
-                        clip_ms=c.clip_ms)
+                        clip_ms=c.clip_ms, grad_send_ms=c.grad_send_ms)
               for s, ((i, j), c) in enumerate(zip(chosen.ranges, chosen.costs))]
     deployment = Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
                             microbatch_count=chosen.microbatches, stages=stages, block_bounds=list(blocks.bounds),
@@ -487,12 +488,13 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
 
 def simulate_deployment(deployment: Deployment):
     """One step of the deployment's schedule simulated with its stages' predicted forward (plus send) and
-    backward times, the tail excluded; shared by the report's bubble and the picture's timeline."""
+    backward (plus the gradients' send) times, the tail excluded; shared by the report's bubble and the
+    picture's timeline."""
     depth = deployment.pipeline_depth
     lists = get_schedule(deployment.schedule if depth > 1 else "gpipe")(depth, deployment.microbatch_count,
                                                                        deployment.virtual_stages)
     fwd = [st.fwd_ms + st.send_ms for st in deployment.stages]
-    bwd = [st.bwd_ms for st in deployment.stages]
+    bwd = [st.bwd_ms + st.grad_send_ms for st in deployment.stages]
     return simulate(lists, action_costs(fwd, bwd, depth))
 
 
