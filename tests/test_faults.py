@@ -16,7 +16,10 @@ import models
 from distributed import run_ranks
 
 BATCH = 12
-OWN_ALIVE_S = 12.0  # a failing rank that catches its error lives this long; the others end within 10 s
+# A failing rank that catches its error lives this long; the others must name it within REPORTED_S (they take
+# ~0.05 s): from its report, not from its process ending.
+OWN_ALIVE_S = 6.0
+REPORTED_S = 5.0
 
 
 def _train(rank, world, stages, fault, faulty, steps=4):
@@ -93,7 +96,7 @@ def test_a_rank_raising_inside_rannc_is_named_on_every_rank_within_seconds(world
         assert message.startswith(f"RankFailure: rank {faulty} failed in {fault}: ValueError: injected {fault} "
                                   f"failure"), (rank, message)
         assert "second line" not in message
-        assert seconds < 10, (rank, seconds, message)
+        assert seconds < REPORTED_S, (rank, seconds, message)
 
 
 @pytest.mark.parametrize("world,stages", [(3, 2)])

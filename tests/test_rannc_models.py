@@ -11,8 +11,8 @@ to 2), inputs by position or keyword. At world 1, 2 stages must be refused. rann
 between modules: RaNNCModules coexist (a resumed module is built next to the first, which still answers
 afterwards); clear(); barrier() synchronises every rank (tested).
 
-One run_ranks call per world size runs every model both ways for each stage count (process start and
-capture dominate the time); ranks return per-case
+One run_ranks call per world size runs that world's cases (`_included`) for each stage count (process start
+and capture dominate the time); ranks return per-case
 error summaries and the parent asserts one test per model, way, world and stages. Every rank checks
 against its own reference, so every rank's view of outputs, gradients and state dicts is checked.
 `_run(world, sabotage)` breaks the reference on purpose ("loss_term", "ref_step", "resume_opt",
@@ -407,14 +407,22 @@ def _run(world: int, sabotage: str | None = None):
 
 
 def _included(world: int, stages: int, name: str, way: str) -> bool:
-    """Every model both ways at 1 and 2 ranks; at 3 ranks half of the models (alternating, so that each
-    (stages, way) sees both halves' kinds of model) and always the tied-embedding and BatchNorm ones, which
-    is what keeps the suite's time in bounds. "nograd" matters where BatchNorm statistics are averaged over
-    replicas: one stage on several ranks."""
+    """Every model both ways on the 2-stage plan of 2 ranks; on one stage at 1 and at 2 ranks one way each, the
+    other way at the other world size (the way that resumes, where one does); at 3 ranks half of the models
+    (alternating, so that each (stages, way) sees both halves' kinds of model); the tied-embedding and
+    BatchNorm ones always both ways. That is what keeps the suite's time in bounds: every case captures its
+    model anew. "nograd" matters where BatchNorm statistics are averaged over replicas: one stage on several
+    ranks."""
     if way == "nograd":
         return stages == 1 and world > 1
-    if world == 3 and name not in ALWAYS_RESUME:
-        return (NAMES.index(name) + stages) % 2 == 0
+    m = NAMES.index(name)
+    if name in ALWAYS_RESUME:
+        return True
+    if world == 3:
+        return (m + stages) % 2 == 0
+    ways = rm.SPECS[name].ways
+    if stages == 1 and len(ways) > 1:
+        return way == ways[(m + world + stages) % len(ways)]   # _settings' choice of the way that resumes
     return True
 
 

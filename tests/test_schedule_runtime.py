@@ -95,7 +95,47 @@ def _matrix(rank, world, cases):
     return [(case, _train(rank, world, *case)) for case in cases]
 
 
-def _check(results, world):
+def _every_schedule_cases(world: int, stages: int) -> list[tuple]:
+    schedules = SCHEDULES if world == 4 else SCHEDULES[1:]
+    return [("bert", stages, schedule, virtual, 1, False) for schedule, virtual in schedules]
+
+
+def _accumulation_cases() -> list[tuple]:
+    return [("skip", 2, schedule, virtual, 2, delay) for schedule, virtual in SCHEDULES[1:] for delay in (True, False)]
+
+
+UNEQUAL = {3: [("1,2", "gpipe"), ("1,2", "1f1b"), ("2,1", "zb_h1")],
+           4: [("1,3", "1f1b"), ("2,1,1", "gpipe"), ("2,1,1", "zb_h1")]}
+
+
+def _unequal_cases(world: int) -> list[tuple]:
+    return [("bert", len(vector.split(",")), schedule, 1, 2, schedule == "gpipe", vector)
+            for vector, schedule in UNEQUAL.get(world, [])]
+
+
+EVERY_SCHEDULE = [(2, 2), (3, 3), (4, 2)]   # (world, stages)
+_RUNS: dict = {}
+
+
+def _run(world: int):
+    """One launch per world size runs every case of this file at that size (starting 3 or 4 ranks and their
+    first capture cost seconds), shared by the tests that check them."""
+    if world not in _RUNS:
+        cases = [c for w, stages in EVERY_SCHEDULE if w == world for c in _every_schedule_cases(w, stages)]
+        cases += (_accumulation_cases() if world == 4 else []) + _unequal_cases(world)
+        try:
+            _RUNS[world] = run_ranks(_matrix, world, cases, timeout=600)
+        except AssertionError as exc:
+            _RUNS[world] = exc
+    return _RUNS[world]
+
+
+def _check(world: int, cases: list[tuple]):
+    results = _run(world)
+    if isinstance(results, AssertionError):
+        pytest.fail(f"the run of {world} ranks failed: {results}")
+    results = [[(case, r) for case, r in rank_results if case in cases] for rank_results in results]
+    assert [case for case, _ in results[0]] == cases, f"{world} ranks ran {[case for case, _ in results[0]]}"
     for rank, rank_results in enumerate(results):
         for case, (errors, _) in rank_results:
             assert errors.get("held activations", 0.0) == 0.0, (
@@ -109,23 +149,16 @@ def _check(results, world):
             assert err < RTOL, f"{case} on {world} ranks: {what} differs by {err:.2e} (relative)"
 
 
-@pytest.mark.parametrize("world,stages", [(2, 2), (3, 3), (4, 2)])
+@pytest.mark.parametrize("world,stages", EVERY_SCHEDULE)
 def test_every_schedule_matches_single_process(world, stages):
     """The tiny BERT (embedding tied to the decoder) under each schedule, without accumulation; at 4 ranks
     two replicas of a 2-stage pipeline. GPipe alone is tested at many more shapes in test_equivalence.py."""
-    schedules = SCHEDULES if world == 4 else SCHEDULES[1:]
-    cases = [("bert", stages, schedule, virtual, 1, False) for schedule, virtual in schedules]
-    _check(run_ranks(_matrix, world, cases, timeout=600), world)
+    _check(world, _every_schedule_cases(world, stages))
 
 
 def test_every_schedule_accumulates_like_single_process():
     """Two backwards per step, summed over replicas once at the end (delay) or after each (no delay)."""
-    cases = [("skip", 2, schedule, virtual, 2, delay) for schedule, virtual in SCHEDULES[1:] for delay in (True, False)]
-    _check(run_ranks(_matrix, 4, cases, timeout=600), 4)
-
-
-UNEQUAL = {3: [("1,2", "gpipe"), ("1,2", "1f1b"), ("2,1", "zb_h1")],
-           4: [("1,3", "1f1b"), ("2,1,1", "gpipe"), ("2,1,1", "zb_h1")]}
+    _check(4, _accumulation_cases())
 
 
 @pytest.mark.parametrize("world", [3, 4])
@@ -133,6 +166,4 @@ def test_unequal_replicas_match_single_process(world):
     """Stages with different replica counts: each splits a micro-batch's rows among its replicas, and
     values and gradients pass between the replicas of neighbouring stages by rows (delayed all-reduce for
     GPipe, immediate for the others)."""
-    cases = [("bert", len(vector.split(",")), schedule, 1, 2, schedule == "gpipe", vector)
-             for vector, schedule in UNEQUAL[world]]
-    _check(run_ranks(_matrix, world, cases, timeout=600), world)
+    _check(world, _unequal_cases(world))
