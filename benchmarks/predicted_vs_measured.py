@@ -8,8 +8,10 @@ under each schedule, in one launch:
 Each rank runs one thread on the CPU (profiling and training alike), so that two ranks on two cores measure
 what they were profiled at. A step is what a training loop does: forward, backward, clipping by the global
 norm and the optimizer step. Every contender plans on one profile (measured once in the launch), and the
-steps are timed in rounds over the contenders. Prints one row per schedule: plan, predicted and measured ms
-(median and quartiles), their ratio; for `auto` whether it chose the fastest measured.
+steps are timed in turns over the contenders (--steps_per_turn steps each after an untimed one, so that a
+contender's caches are warm), so that the machine's drift reaches every contender alike. Prints one row per
+schedule: plan, predicted and measured ms (median and quartiles), their ratio; for `auto` whether it chose
+the fastest measured.
 """
 
 from __future__ import annotations
@@ -89,26 +91,28 @@ def main() -> None:
     p.add_argument("--partition_num", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps_per_turn", type=int, default=5,
+                   help="timed steps of one contender before the next one's turn (after one untimed step)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     # One profile for every contender (the first profiles, the others read it), so that the predictions
-    # differ only by the plan; steps timed in rounds over the contenders, so that the machine's drift
-    # reaches every contender alike.
+    # differ only by the plan; steps timed in turns over the contenders.
     rannc.dist.init()
     cache_dir = [tempfile.mkdtemp(prefix="rannc_profiles_") if rannc.get_rank() == 0 else None]
     dist.broadcast_object_list(cache_dir, 0)
     specs = args.schedules.split(",")
     contenders = [deploy(spec, args, device, cache_dir[0]) for spec in specs]
     times: list[list[float]] = [[] for _ in specs]
-    for step in range(args.warmup + args.steps):
+    turns = -(-args.steps // args.steps_per_turn)
+    for turn in range(turns):
         for k, contender in enumerate(contenders):
-            ms = timed_step(contender, device)
-            if step >= args.warmup:
-                times[k].append(ms)
+            for step in range(args.steps_per_turn + 1):   # the first step of a turn warms the caches up
+                ms = timed_step(contender, device)
+                if step and turn * args.steps_per_turn + step <= args.steps:
+                    times[k].append(ms)
     rows = [row(spec, contender, t) for spec, contender, t in zip(specs, contenders, times)]
     if rannc.get_rank() == 0:
         shutil.rmtree(cache_dir[0], ignore_errors=True)
