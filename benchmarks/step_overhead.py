@@ -41,6 +41,8 @@ def one_device_bert(description: str):
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if not cuda:   # intra-op threads spinning on a shared 2-core machine slow every op 10x and more
+        torch.set_num_threads(1)
     dist.init_process_group("nccl" if cuda else "gloo")
     config = BertConfig.from_json_file(args.config_file)
     batch = make_batch(config, args.batch, 128, 20, device, 0)
