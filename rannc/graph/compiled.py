@@ -23,19 +23,18 @@ logger = logging.getLogger("rannc.compile")
 
 class CompiledModule:
     """Calls `module` through torch.compile (inductor), counting compilations and steady-state
-    recompilations. `name` says which module in the log ("stage 1", "blocks 0-9"). `dynamic` as
-    torch.compile's: None compiles the first shapes statically and recompiles once with dynamic ones when
-    they change; True compiles dynamic shapes from the start. `mode` as torch.compile's (its inductor
-    options: "reduce-overhead" replays CUDA graphs)."""
+    recompilations. `name` says which module in the log ("stage 1", "blocks 0-9"). The first shapes compile
+    statically, and a change of shapes recompiles once with dynamic ones (torch.compile's default). `mode` as
+    torch.compile's (its inductor options: "reduce-overhead" replays CUDA graphs)."""
 
-    def __init__(self, module: torch.nn.Module, name: str, dynamic: bool | None = None, mode: str = "default"):
+    def __init__(self, module: torch.nn.Module, name: str, mode: str = "default"):
         self.module = module
         self.name = name
         self.compiles = 0        # graphs compiled so far (more than one per situation with graph breaks)
         self.recompiles = 0      # compilations in a situation that had run before
         self._seen: set[tuple] = set()
-        self._options = _mode_options(mode, dynamic)
-        self._compiled = torch.compile(module, backend=self._backend, dynamic=dynamic)
+        self._options = _mode_options(mode)
+        self._compiled = torch.compile(module, backend=self._backend)
 
     def _backend(self, graph_module: torch.fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx  # inductor loads only when something compiles
@@ -59,10 +58,10 @@ class CompiledModule:
         return out
 
 
-def _mode_options(mode: str, dynamic: bool | None) -> dict:
+def _mode_options(mode: str) -> dict:
     import torch._inductor
 
-    return dict(torch._inductor.list_mode_options(mode, dynamic))
+    return dict(torch._inductor.list_mode_options(mode))
 
 
 def _situation(args: tuple) -> tuple:

@@ -166,11 +166,9 @@ def compiled_scale(profiles: list[BlockProfile], calibration: Calibration,
     fwd = sum(r[1] for r in compiled_runs) / max(sum(r[0] for r in compiled_runs), 1e-9)
     bwd = sum(r[3] for r in compiled_runs) / max(sum(r[2] for r in compiled_runs), 1e-9)
     for block in profiles:
-        block.fwd_ms = Linear(block.fwd_ms.fixed * fwd, block.fwd_ms.per_sample * fwd)
-        block.bwd_ms = Linear(block.bwd_ms.fixed * bwd, block.bwd_ms.per_sample * bwd)
-    o = calibration
-    o.fwd_overhead_ms = Linear(o.fwd_overhead_ms.fixed * fwd, o.fwd_overhead_ms.per_sample * fwd)
-    o.bwd_overhead_ms = Linear(o.bwd_overhead_ms.fixed * bwd, o.bwd_overhead_ms.per_sample * bwd)
+        block.fwd_ms, block.bwd_ms = block.fwd_ms.scaled(fwd), block.bwd_ms.scaled(bwd)
+    calibration.fwd_overhead_ms = calibration.fwd_overhead_ms.scaled(fwd)
+    calibration.bwd_overhead_ms = calibration.bwd_overhead_ms.scaled(bwd)
     return fwd, bwd
 
 

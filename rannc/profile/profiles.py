@@ -22,6 +22,9 @@ class Linear:
     def __call__(self, batch: float) -> float:
         return max(0.0, self.fixed + self.per_sample * batch)
 
+    def scaled(self, factor: float) -> "Linear":
+        return Linear(self.fixed * factor, self.per_sample * factor)
+
     @classmethod
     def fit(cls, points: list[tuple[float, float]]) -> "Linear":
         """Least-squares line through (batch, value) points; one point gives a proportional line."""
