@@ -55,7 +55,7 @@ def main() -> None:
     result["plain_compiled_ms"] = median_ms(step_of(lambda: compiled_model(*batch)), device, args.repeats)
     model.zero_grad(set_to_none=True)
 
-    stage = deployed(model, batch, autocast)._engine.runtime.stage
+    stage = deployed(model, batch, autocast)[0]._engine.runtime.stage
     stage_args = [batch[i] for i in stage.inputs]
     result["stage_eager_ms"] = median_ms(step_of(lambda: stage.module(*stage_args)[0]), device, args.repeats)
     params = [q for q in stage.module.parameters() if q.requires_grad]

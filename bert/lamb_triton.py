@@ -279,27 +279,42 @@ class TensorTable:
         self.device = first[0].device
         self.chunk = chunk
         self.n_tensors = len(first)
-        self.key = self._key(rows)
-        numels = torch.tensor([t.numel() for t in first], dtype=torch.int64)
+        self.n_rows = len(rows)
+        self.numel_key = tuple(t.numel() for t in first)
+        numels = torch.tensor(self.numel_key, dtype=torch.int64)
         counts = (numels + chunk - 1) // chunk
         self.n_chunks = int(counts.sum())
         chunk_first = torch.cumsum(counts, 0) - counts
         chunk_tensor = torch.repeat_interleave(torch.arange(self.n_tensors), counts)
         chunk_index = torch.arange(self.n_chunks) - chunk_first[chunk_tensor]
-        addresses = torch.tensor([t.data_ptr() for row in rows for t in row], dtype=torch.int64)
-
-        def to_device(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            return x.to(dtype=dtype).to(self.device)
-
-        self.addresses = to_device(addresses, torch.int64)
-        self.numels = to_device(numels, torch.int64)
-        self.chunk_tensor = to_device(chunk_tensor, torch.int32)
-        self.chunk_index = to_device(chunk_index, torch.int32)
-        self.chunk_first = to_device(chunk_first, torch.int32)
-        self.chunk_count = to_device(counts, torch.int32)
+        self.numels = self._to_device(numels, torch.int64)
+        self.chunk_tensor = self._to_device(chunk_tensor, torch.int32)
+        self.chunk_index = self._to_device(chunk_index, torch.int32)
+        self.chunk_first = self._to_device(chunk_first, torch.int32)
+        self.chunk_count = self._to_device(counts, torch.int32)
+        self.addresses = torch.empty(self.n_rows * self.n_tensors, dtype=torch.int64, device=self.device)
+        self.key: tuple = ()
+        self.point_to(rows)
         # Scratch reused every step: two sums per chunk, one ratio per tensor.
         self.partials = torch.empty(2 * max(self.n_chunks, 1), dtype=torch.float32, device=self.device)
         self.ratios = torch.empty(self.n_tensors, dtype=torch.float32, device=self.device)
+
+    def _to_device(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor on the table's device without making the host wait for the device: from pinned memory,
+        asynchronously (torch's pinned allocator keeps the source until the copy has run). A copy from pageable
+        memory would wait for everything queued before it, e.g. the backward whose grads the table points to."""
+        x = x.to(dtype=dtype)
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def point_to(self, rows: list[list[torch.Tensor]]) -> None:
+        """Point the table at these tensors, of the sizes it was built for (see :meth:`fits`): grads set to None
+        and created again each step move while the layout stays; only the addresses are copied, queued behind
+        the work already issued, so no kernel still reading the old ones sees the new ones."""
+        addresses = torch.tensor([t.data_ptr() for row in rows for t in row], dtype=torch.int64)
+        self.addresses.copy_(self._to_device(addresses, torch.int64))
+        self.key = self._key(rows)
 
     @staticmethod
     def _key(rows: list[list[torch.Tensor]]) -> tuple:
@@ -308,6 +323,12 @@ class TensorTable:
     def holds(self, rows: list[list[torch.Tensor]]) -> bool:
         """Whether the table still describes these tensors (same order, addresses and sizes)."""
         return self._key(rows) == self.key
+
+    def fits(self, rows: list[list[torch.Tensor]]) -> bool:
+        """Whether these tensors have the layout the table was built for (same rows, counts and sizes), so that
+        :meth:`point_to` can take them."""
+        return (len(rows) == self.n_rows and len(rows[0]) == self.n_tensors
+                and tuple(t.numel() for t in rows[0]) == self.numel_key)
 
 
 def _launch_context(device: torch.device):

@@ -110,7 +110,7 @@ class Lamb(torch.optim.Optimizer):
         # Global across groups, like apex (which reads it from self.defaults), since the norm is global.
         self.max_grad_norm = max_grad_norm or 0.0
         self.fused = fused
-        # Address tables of the fused kernels, rebuilt only when a tensor moves (see TensorTable.holds).
+        # Address tables of the fused kernels, re-pointed when a tensor moves (see TensorTable.holds).
         self._fused_tables: dict = {}
         if fused:
             self._require_fused_support()
@@ -157,14 +157,17 @@ class Lamb(torch.optim.Optimizer):
         if self.fused is False:
             return None
         problem = _fused_support_problem(rows[0][0].device, dtypes[0])
+        table = self._fused_tables.get(key)
         if problem is None:
-            table = self._fused_tables.get(key)
             if table is not None and table.holds(rows):
                 return table
             problem = lamb_triton.layout_problem(rows, dtypes)
         if problem is None:
-            table = lamb_triton.TensorTable(rows)
-            self._fused_tables[key] = table
+            if table is not None and table.fits(rows):
+                table.point_to(rows)     # new grads (zero_grad(set_to_none=True)), same layout
+            else:
+                table = lamb_triton.TensorTable(rows)
+                self._fused_tables[key] = table
             return table
         if self.fused:
             raise RuntimeError(f"Lamb(fused=True) cannot step these parameters: {problem}")

@@ -27,7 +27,7 @@ from rannc.graph.stage import ROWS_NONE, build_stage, row_cuts
 from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import plan, profile_sizes, rows_within
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
-from rannc.profile.profiler import build_profile_set, cached_links
+from rannc.profile.profiler import build_profile_set, cached_links, profile_cache_path
 from rannc.profile.update import measure_update
 from rannc.runtime.engine import Engine
 from rannc.runtime.optimizer import OptimizerPatch
@@ -91,18 +91,26 @@ def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_ar
         plan_world = config.partitioning_dry_run_np or world_size
         deployment, error = None, None
         links = cached_links(device, config.profile_cache_dir, logger.info) if not config.load_deployment else {}
+        profiling = ProfileJob(config, captured, lin, blocks, global_args, batch_size, plan_world, links,
+                               optimizer_patch, device)
+        alongside_error = None
         if rank == 0:
             try:
-                deployment = _make_plan(config, captured, lin, blocks, global_args, batch_size, plan_world, links,
-                                        optimizer_patch, device)
+                deployment = _make_plan(profiling)
             except Exception as exc:  # every rank must learn of it, not wait for a plan
                 error = exc
+        elif profiling.alongside:
+            try:
+                profiling.profile(quiet=True)
+            except Exception as exc:
+                alongside_error = exc
         deployment, message = rdist.broadcast_object((deployment, None if error is None else
                                                       f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     if message is not None:
         raise RuntimeError(f"planning failed on rank 0: {message}")
+    rdist.agree_or_raise(alongside_error, "profiling alongside rank 0")
     logger.info("%s", deployment.table())
     if config.save_deployment and rank == 0 and not config.load_deployment:
         deployment.save(config.deployment_file)
@@ -131,12 +139,57 @@ def _announce_outputs(model: nn.Module, captured: CapturedGraph, rank: int) -> N
                        "stage's replicas after every training call")
 
 
-def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_size, plan_world, links,
-               optimizer_patch, device) -> Deployment:
+@dataclasses.dataclass
+class ProfileJob:
+    """What profiling needs, on every rank. Rank 0 profiles and plans; the other ranks run the same profile at
+    the same time and discard it (`alongside`), so that rank 0 measures its blocks while every rank is busy
+    as in training: ranks sharing a host's cores, memory bandwidth and links slow each other down (two CPU
+    ranks on two cores by a fifth to a half), and a profile taken on an otherwise idle host priced every plan
+    too low. Not when rank 0 loads a cached profile, loads a deployment, or only plans (dry run)."""
+
+    config: RannConfig
+    captured: CapturedGraph
+    lin: Linearized
+    blocks: Blocks
+    global_args: list[torch.Tensor]
+    batch_size: int
+    plan_world: int
+    links: dict
+    optimizer_patch: OptimizerPatch | None
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.alongside, self.sizes = False, []
+        if config.load_deployment:
+            return
+        self.sizes = profile_sizes(config, self.plan_world, self.blocks.count, self.batch_size,
+                                   self.captured.batch_range)
+        if rdist.get_world_size() > 1 and not config.partitioning_dry_run_np:
+            cached = None
+            if rdist.get_rank() == 0:
+                path = profile_cache_path(self.captured, self.blocks, self.sizes, self.device,
+                                          _autocast_dtype(self.device), config.compile, config.profile_cache_dir)
+                cached = path is not None and path.is_file()
+            self.alongside = not rdist.broadcast_object(cached)
+
+    def profile(self, quiet: bool = False):
+        """Every block's profile and the optimizer's (`quiet`: alongside rank 0, nothing logged or cached)."""
+        config, log = self.config, (lambda *_: None) if quiet else logger.info
+        update = measure_update(self.optimizer_patch.optimizer if self.optimizer_patch is not None else None,
+                                _parameter_dtype(self.captured), self.device)
+        return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
+                                 self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
+                                 _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
+                                 update=update, compile_blocks=config.compile)
+
+
+def _make_plan(job: ProfileJob) -> Deployment:
+    config, captured = job.config, job.captured
     if config.load_deployment:
         deployment = Deployment.load(config.deployment_file)
-        deployment.check_fits(captured.fingerprint, plan_world, batch_size, config.deployment_file)
-        if not all(rows_within(batch_size, s.replicas, deployment.microbatch_count, captured.batch_range)
+        deployment.check_fits(captured.fingerprint, job.plan_world, job.batch_size, config.deployment_file)
+        if not all(rows_within(job.batch_size, s.replicas, deployment.microbatch_count, captured.batch_range)
                    for s in deployment.stages):
             raise DeploymentError(f"the deployment in {config.deployment_file} cuts micro-batches outside the "
                                   f"{captured.batch_range} rows the model's graph holds for (it branches on its "
@@ -147,17 +200,13 @@ def _make_plan(config: RannConfig, captured, lin, blocks, global_args, batch_siz
         low, high = captured.batch_range
         logger.warning("the model branches on its batch size: its graph holds for micro-batches of %d to %s rows "
                        "only, and the plan keeps to them", low, "any number of" if high is None else high)
-    sizes = profile_sizes(config, plan_world, blocks.count, batch_size, captured.batch_range)
-    logger.info("Running profiler ...")
-    update = measure_update(optimizer_patch.optimizer if optimizer_patch is not None else None,
-                            _parameter_dtype(captured), device)
-    profile = build_profile_set(captured, lin, blocks, global_args, sizes, device, links, config.profile_repeats,
-                                config.profile_cache_dir, _autocast_dtype(device), log=logger.info,
-                                show_progress=config.verbose, update=update, compile_blocks=config.compile)
+    logger.info("Running profiler%s ...", " (every rank alongside)" if job.alongside else "")
+    profile = job.profile()
     logger.info("Profiling finished")
-    logger.info("Assuming batch size: %d", batch_size)
-    return plan(profile, blocks, plan_world, batch_size, config, captured.fingerprint, captured.batch_range,
-                in_call_ok=captured.outputs.kinds == ["scalar"], row_cuts=row_cuts(captured, lin, blocks.bounds))
+    logger.info("Assuming batch size: %d", job.batch_size)
+    return plan(profile, job.blocks, job.plan_world, job.batch_size, config, captured.fingerprint,
+                captured.batch_range, in_call_ok=captured.outputs.kinds == ["scalar"],
+                row_cuts=row_cuts(captured, job.lin, job.blocks.bounds))
 
 
 def _install(model, captured, lin, deployment: Deployment, named: dict, optimizer_patch, config: RannConfig,

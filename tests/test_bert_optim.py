@@ -271,11 +271,15 @@ for fused in (None, False):
     groups = [{"params": params[:3], "weight_decay": 0.01}, {"params": params[3:], "weight_decay": 0.0}]
     optimizer = Lamb(groups, lr=0.02, max_grad_norm=1.0, fused=fused)
     gen = torch.Generator().manual_seed(7)
-    for _ in range(2):
-        for p in params:
+    for step in range(3):
+        for p in params:   # new grads every step, as after zero_grad(set_to_none=True)
             p.grad = 3.0 * torch.randn(p.shape, generator=gen)
         optimizer.step()
+        if step == 0:
+            first_tables = dict(optimizer._fused_tables)
     assert bool(optimizer._fused_tables) == (fused is None)
+    # the tables were re-pointed at the new grads, not built again
+    assert all(optimizer._fused_tables[k] is t for k, t in first_tables.items())
     runs.append(params)
 for p, q in zip(*runs):
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

@@ -359,14 +359,22 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
     return rdist.broadcast_object(result)
 
 
+def profile_cache_path(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
+                       autocast_dtype, compile_blocks: bool, cache_dir: str) -> Path | None:
+    """Where the profile of this graph, blocks, sizes and device is cached (None: no cache)."""
+    if not cache_dir:
+        return None
+    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks)
+    return Path(cache_dir).expanduser() / f"profile_{key}.json"
+
+
 def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                       sizes: list[int], device: torch.device, links: dict[str, float], repeats: int,
                       cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True,
                       update: UpdateProfile | None = None, compile_blocks: bool = False) -> ProfileSet:
     """Profiles of every block, from the on-disk cache when the same graph was profiled before; the links and
     the optimizer's profile (`update`) are measured apart and set on it."""
-    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks)
-    path = Path(cache_dir).expanduser() / f"profile_{key}.json" if cache_dir else None
+    path = profile_cache_path(captured, blocks, sizes, device, autocast_dtype, compile_blocks, cache_dir)
     if path is not None and path.is_file():
         try:
             cached = ProfileSet.from_json(path.read_text())

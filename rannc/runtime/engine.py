@@ -63,6 +63,10 @@ class Engine:
         self._call_delay = False
         self._actions, self._forwards, self._backwards = self._schedule_lists()
         self._layout_cache: dict[tuple, list[PieceLayout]] = {}
+        # One process running the whole model in one micro-batch: nothing to sum or route, so the outputs
+        # can stay tied to the stage's own graph (see run)
+        self.direct = (world == 1 and runtime is not None and not in_call and len(deployment.stages) == 1
+                       and deployment.microbatch_count == 1 and deployment.virtual_stages == 1)
 
     def _schedule_lists(self) -> tuple[list[Action], list[Action], list[Action]]:
         """This rank's whole list of the schedule, its forwards alone (calls without grad, and GPipe's call),
@@ -105,6 +109,12 @@ class Engine:
                     results = self.runtime.run_actions(self._forwards, layouts, batch_args, key)
         if train and self.synced_buffers:
             self._average_buffers()
+        if grad and self.direct and not flags_now.keep_graph:
+            # loss.backward() runs the stage's backward itself, as in the plain model: no backward of
+            # PipelineOutputs running a second autograd pass inside the first, no per-parameter bookkeeping
+            # of gradients that no other rank shares (under keep_graph the pipeline path keeps the graph)
+            self._pending = None
+            return self.router.direct(results)
         leaves = self.router.collect(results, batch, local_rows, local)
         if not grad:
             return leaves

@@ -62,6 +62,13 @@ class OutputRouter:
             leaves[k] = self._my_rows(full, local_rows)
         return leaves
 
+    def direct(self, results: list[tuple[Chunk, tuple]]) -> list:
+        """The output leaves of the one micro-batch that covered the whole batch on the only rank, as the stage
+        returned them: still tied to its graph, so that their backward is the stage's own."""
+        (_, outputs), = results
+        return [outputs[k] if k in self.scalars or k in self.batched else None
+                for k in range(len(self.signature.kinds))]
+
     # ---- backward ------------------------------------------------------------------------------------
     def gradients(self, grads: list, batch: int, local_rows: int, local: bool):
         """From this rank's gradients of the output leaves, the function the pipeline's last stage asks
