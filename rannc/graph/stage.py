@@ -5,6 +5,8 @@ values crossing its first cut and the model inputs it reads, returning the value
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -117,6 +119,28 @@ def _is_buffer(module: nn.Module, target: str) -> bool:
     return name in (module.get_submodule(owner) if owner else module)._buffers
 
 
+def _flat_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """The stage's module, every parameter and buffer it reads a direct attribute of it (the same tensors
+    as the model's): its generated code then reads each with one attribute lookup, where the model's module
+    path (`getattr(self.model.encoder.layers, "0").attention.query.weight`) costs one nn.Module lookup per
+    level on every call, about 2600 per BERT-large forward, milliseconds of host time on a GPU's hot path."""
+    if any(node.op == "call_module" for node in graph.nodes):
+        return fx.GraphModule(root, graph, class_name=class_name)
+    attrs: dict[str, object] = {}
+    flat_names: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target not in flat_names:
+            flat = re.sub(r"\W", "_", node.target)
+            while flat in attrs:
+                flat += "_"
+            flat_names[node.target] = flat
+            attrs[flat] = functools.reduce(getattr, node.target.split("."), root)
+        node.target = flat_names[node.target]
+    return fx.GraphModule(attrs, graph, class_name=class_name)
+
+
 def build_stage(captured: CapturedGraph, lin: Linearized, start: int, end: int) -> StageGraph:
     """The stage of compute positions [start, end)."""
     memo: dict[fx.Node, bool] = {}
@@ -169,7 +193,7 @@ def build_stage(captured: CapturedGraph, lin: Linearized, start: int, end: int) 
         env[node] = graph.node_copy(node, lookup)
     outputs = tuple(lookup(n) if isinstance(n, fx.Node) else n for n in sent_nodes)
     graph.output(outputs)
-    module = fx.GraphModule(captured.gm, graph, class_name=f"Stage_{start}_{end}")
+    module = _flat_module(captured.gm, graph, f"Stage_{start}_{end}")
     symbols = batch_symbols(captured)
     return StageGraph(module=module, received=[n.name for n in received_nodes], inputs=input_indices,
                       sent=[n.name if isinstance(n, fx.Node) else repr(n) for n in sent_nodes], is_last=is_last,
