@@ -243,15 +243,11 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
     outputs = captured.outputs
     in_call = deployment.schedule != "gpipe" and deployment.pipeline_depth > 1
     if in_call and outputs.kinds != ["scalar"]:
-        if deployment.virtual_stages > 1:
-            raise DeploymentError(f"schedule '{deployment.schedule}' runs backwards inside the call and needs a "
-                                  f"model returning one scalar loss; this model returns {len(outputs.kinds)} "
-                                  f"outputs: use schedule='gpipe'")
-        if rank == 0:
-            logger.warning("schedule '%s' runs backwards inside the call and needs a model returning one "
-                           "scalar loss; this model returns %d outputs: running GPipe", deployment.schedule,
-                           len(outputs.kinds))
-        in_call = False
+        # every rank raises it (each checks the same plan): running GPipe instead would leave the deployment,
+        # its report and its predicted step describing a schedule that does not run
+        raise DeploymentError(f"schedule '{deployment.schedule}' runs backwards inside the call and needs a "
+                              f"model returning one scalar loss; this model returns {len(outputs.kinds)} "
+                              f"outputs: use schedule='gpipe' or 'auto' (which plans GPipe for it)")
     router = OutputRouter(outputs, rank, world_size, device, config.gather_inputs)
     engine = Engine(deployment, placement, runtime, [stages[c] for c in pieces], router, captured.batched_inputs,
                     rank, world_size, device, in_call)

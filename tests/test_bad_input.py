@@ -45,6 +45,26 @@ def _return_unbatched_output(rank, world):
     rannc.RaNNCModule(_UnbatchedOutput(), partition_num=2, profile_repeats=1)(torch.randn(4, 4))
 
 
+class _LossAndLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+
+    def forward(self, x, y):
+        logits = self.body(x)
+        return torch.nn.functional.mse_loss(logits.sum(1), y), logits
+
+
+def _pipeline_schedule_for_two_outputs(rank, world):
+    import rannc
+    x, y = models.local_part(models.global_batch("mlp", 8, 0), rank, world)
+    torch.manual_seed(0)
+    model = _LossAndLogits()
+    wrapped = rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule="1f1b",
+                                partition_num=2, profile_repeats=1)
+    wrapped(x, y)[0].backward()
+
+
 def _call_with_uneven_batches(rank, world):
     x, y = models.global_batch("mlp", 8 + rank, 0)
     _wrapped()(x, y)
@@ -72,6 +92,13 @@ def test_output_neither_scalar_nor_batched_is_refused_at_capture_on_every_rank()
     errors = _errors(_return_unbatched_output, 2)
     assert sorted(errors) == [0, 1]
     assert all("output (the whole value) has shape (4,)" in e and "Profil" not in e for e in errors.values())
+
+
+def test_a_schedule_running_backwards_in_the_call_is_refused_for_a_model_with_two_outputs():
+    errors = _errors(_pipeline_schedule_for_two_outputs, 2)
+    assert sorted(errors) == [0, 1]
+    assert all("schedule '1f1b' runs backwards inside the call and needs a model returning one scalar loss; "
+               "this model returns 2 outputs" in e for e in errors.values()), errors
 
 
 def test_different_local_batch_sizes_fail_on_every_rank():

@@ -14,6 +14,7 @@ from rannc.config import ConfigError, RannConfig
 
 import models
 from distributed import run_ranks
+from side_by_side import grad_error, state_and_eval_errors
 
 BATCH = 16
 RTOL = 1e-5
@@ -21,9 +22,6 @@ RTOL = 1e-5
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="inductor needs a C++ compiler on the CPU")
 
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() / (b.abs().max().item() + 1e-3)
 
 
 def _train_compiled(rank, world, schedule, recompute):
@@ -56,21 +54,14 @@ def _train_compiled(rank, world, schedule, recompute):
         ref_loss = reference(*batch)
         ref_loss.backward()
         errors["loss"] = max(errors["loss"], abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
-        for n, p in reference.named_parameters():
-            errors["grad"] = max(errors["grad"], _relative(wrapped.get_param_grad(n), p.grad))
+        errors["grad"] = max(errors["grad"], grad_error(wrapped, reference))
         optimizer.step()
         ref_optimizer.step()
         optimizer.zero_grad()
         ref_optimizer.zero_grad()
         pieces = wrapped._engine.runtime.pieces
         compiles.append(sum(piece.compiled.compiles for piece in pieces))
-    state = wrapped.state_dict(sync_all_ranks=True)
-    for key, value in reference.state_dict().items():
-        errors["param"] = max(errors["param"], _relative(state[key], value))
-    with torch.no_grad():
-        batch = models.global_batch("mlp", BATCH, seed=99)
-        loss, ref_loss = wrapped(*models.local_part(batch, rank, world)), reference(*batch)
-        errors["eval"] = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    errors["param"], errors["eval"] = state_and_eval_errors(wrapped, reference, "mlp", BATCH, rank, world)
     recompiles = sum(piece.compiled.recompiles for piece in wrapped._engine.runtime.pieces)
     return errors, compiles, recompiles, warnings, wrapped.deployment.pipeline_depth
 
@@ -107,6 +98,24 @@ def test_recompilation_in_a_seen_situation_is_logged(caplog):
     assert (compiled.compiles, compiled.recompiles) == (2, 1)
     assert "stage 0 was compiled again" in caplog.text
     torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_more_situations_than_the_recompile_limit_is_an_error_not_a_silent_eager_fallback():
+    """torch.compile runs a module eagerly after `recompile_limit` graphs; a compiled stage says so instead."""
+    from rannc.graph.compiled import CompiledModule
+
+    class Stage(torch.nn.Linear):   # a forward of its own: dynamo's limit counts graphs per code object
+        def forward(self, x):
+            return super().forward(x)
+
+    torch._dynamo.reset()
+    compiled = CompiledModule(Stage(4, 2), "stage 0")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled(torch.randn(3, 4))
+        with pytest.raises(RuntimeError, match="stage 0 met more situations than torch.compile compiles"):
+            with torch.no_grad():   # a second situation: a second graph
+                compiled(torch.randn(3, 4))
+    torch._dynamo.reset()
 
 
 def test_compile_refuses_the_split_backward():

@@ -61,9 +61,9 @@ KNOWN_BUGS: dict[tuple[int, int, str, str], str] = {}
 def _settings(world: int, stages: int, name: str, way: str) -> dict:
     """Optimizer, accumulation, clipping, and whether (and when) a resumed run loads the saved state, varied
     over the matrix: per (world, stages) every model trains once with Adam and once with SGD (+ clipping), at
-    2 and 3 ranks both accumulation patterns appear, and a quarter of the models (every model somewhere in the
-    matrix; the tied-embedding and BatchNorm ones everywhere) resume one of their ways: a resume deploys a second
-    module, and capturing it is most of a case's time."""
+    2 and 3 ranks both accumulation patterns appear, and a quarter of the models (the tied-embedding and BatchNorm
+    ones everywhere; `layernorm` and `shared_param` never, `param_free` has nothing to resume) resume one of their
+    ways: a resume deploys a second module, and capturing it is most of a case's time."""
     m, v = NAMES.index(name), ("out", "loss", "nograd").index(way) % 2
     opt = ("adam", "sgd")[(m // 2 + v + world) % 2]
     if world == 1:

@@ -17,15 +17,13 @@ from rannc.schedule import simulate
 
 import models
 from distributed import run_ranks
+from side_by_side import grad_error, state_and_eval_errors
 
 BATCH = 24
 RTOL = 1e-5
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1), ("interleaved_1f1b", 2)]
 
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() / (b.abs().max().item() + 1e-3)
 
 
 def _train(rank, world, name, stages, schedule, virtual, accumulation, delay, stage_replicas=""):
@@ -62,20 +60,13 @@ def _train(rank, world, name, stages, schedule, virtual, accumulation, delay, st
             errors["loss"] = max(errors["loss"], abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
         if delay:
             wrapped.allreduce_grads()
-        for n, p in reference.named_parameters():
-            errors["grad"] = max(errors["grad"], _relative(wrapped.get_param_grad(n), p.grad))
+        errors["grad"] = max(errors["grad"], grad_error(wrapped, reference))
         optimizer.step()
         ref_optimizer.step()
         optimizer.zero_grad()
         ref_optimizer.zero_grad()
     rannc.delay_grad_allreduce(False)
-    state = wrapped.state_dict(sync_all_ranks=True)
-    for key, value in reference.state_dict().items():
-        errors["param"] = max(errors["param"], _relative(state[key], value))
-    with torch.no_grad():
-        batch = models.global_batch(name, BATCH, seed=99)
-        loss, ref_loss = wrapped(*models.local_part(batch, rank, world)), reference(*batch)
-        errors["eval"] = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    errors["param"], errors["eval"] = state_and_eval_errors(wrapped, reference, name, BATCH, rank, world)
     deployment = wrapped.deployment
     shape = (deployment.schedule, deployment.pipeline_depth, deployment.virtual_stages,
              ",".join(str(s.replicas) for s in deployment.stages))

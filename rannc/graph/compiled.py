@@ -12,6 +12,7 @@ The profiler times runs of blocks with the same wrapper, so that the planner pri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -45,7 +46,15 @@ class CompiledModule:
     def __call__(self, *args):
         situation = _situation(args)
         before = self.compiles
-        out = self._compiled(*args)
+        try:
+            with _fail_at_recompile_limit():
+                out = self._compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+            raise RuntimeError(
+                f"rannc: {self.name} met more situations than torch.compile compiles for one module "
+                f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}; this one: "
+                f"{_describe(situation)}), and torch.compile would run it eagerly from now on without a word. "
+                f"Raise that limit, or run with compile=False") from exc
         if self.compiles > before:
             if situation in self._seen:
                 self.recompiles += 1
@@ -56,6 +65,17 @@ class CompiledModule:
                 logger.info("rannc: compiled %s for %s", self.name, _describe(situation))
         self._seen.add(situation)
         return out
+
+
+def _fail_at_recompile_limit():
+    """torch.compile runs a module eagerly once it has compiled `recompile_limit` graphs for it, logging only
+    a warning once; under this context it raises instead (where the installed torch has the switch), so that
+    a stage never slows down silently."""
+    import torch._dynamo
+
+    if "fail_on_recompile_limit_hit" not in torch._dynamo.config._config:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
 def _mode_options(mode: str) -> dict:
