@@ -45,7 +45,8 @@ class Regime:
     def __init__(self, kind: str, config: BertConfig, device: torch.device, lr: float, dropout_seed: int = 0):
         torch.manual_seed(0)
         self.kind, self.device = kind, device
-        self.model = BertForPreTrainingWithCriterion(config).to(device)
+        with device:   # initialised where it runs: the 4.9B model's initialisation on the CPU takes minutes
+            self.model = BertForPreTrainingWithCriterion(config)
         torch.manual_seed(dropout_seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if kind == "fp32":
