@@ -2,12 +2,14 @@
 estimated profiles; the model is built on the meta device, so any size plans on a laptop).
 
     python -m bert.plan --config_file bert/configs/bert_4.9b.json --np 8 --device h200 --batch_size 64
+    python -m bert.plan --np 8 --profile ~/.cache/rannc/profile_<key>.json   # from a one-GPU run's profile
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,7 @@ from bert.modeling import BertConfig, BertForPreTrainingWithCriterion, count_par
 from rannc.config import RannConfig
 from rannc.deploy import plan_dry_run
 from rannc.profile.estimate import DEVICES
+from rannc.profile.profiles import ProfileSet
 
 
 def main(argv: list[str] | None = None):
@@ -30,6 +33,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--mem_limit_gb", type=float, default=0.0)
     parser.add_argument("--partition_num", type=int, default=0)
     parser.add_argument("--png", default=None, help="draw the plan (stages, memory, simulated step) into this file")
+    parser.add_argument("--profile", default=None,
+                        help="a profile cache file of this model from a live first call (e.g. on one GPU): plan from "
+                             "its measured block and optimizer times instead of estimates (links stay estimated)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     config = BertConfig.from_json_file(args.config_file)
@@ -42,7 +48,9 @@ def main(argv: list[str] | None = None):
         inputs = (ids, ids, torch.ones(b, s, dtype=torch.long), *mlm_targets, torch.zeros(b, dtype=torch.long))
     print(f"{args.config_file}: {count_parameters(model) / 1e9:.2f} B parameters")
     rannc_config = RannConfig(mem_limit_gb=args.mem_limit_gb, partition_num=args.partition_num)
-    deployment = plan_dry_run(model, inputs, args.np, args.batch_size, DEVICES[args.device], rannc_config)
+    measured = ProfileSet.from_json(Path(args.profile).read_text()) if args.profile else None
+    deployment = plan_dry_run(model, inputs, args.np, args.batch_size, DEVICES[args.device], rannc_config,
+                              measured=measured)
     print(deployment.table())
     print(f"dry-run plan finished in {time.perf_counter() - t0:.1f} s (planning {deployment.planning_s:.2f} s)")
     if args.png:

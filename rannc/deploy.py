@@ -28,6 +28,7 @@ from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import plan, profile_sizes, rows_within
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
 from rannc.profile.profiler import build_profile_set, cached_links, profile_cache_path
+from rannc.profile.profiles import ProfileSet
 from rannc.profile.update import measure_update
 from rannc.runtime.engine import Engine
 from rannc.runtime.optimizer import OptimizerPatch
@@ -299,18 +300,38 @@ def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig, 
 
 def plan_dry_run(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], world_size: int, batch_size: int,
                  device: DeviceSpec, config: RannConfig | None = None, activation_bytes_per_element: float = 2.0,
-                 log=print) -> Deployment:
+                 log=print, measured: ProfileSet | None = None) -> Deployment:
     """The deployment rannc would choose for `world_size` devices of type `device` and this global batch, from
     profiles estimated from the graph (the model may live on the meta device): what `partitioning_dry_run_np`
-    does for a live run, for models and machines one does not have at hand."""
+    does for a live run, for models and machines one does not have at hand. With `measured` (a profile cache
+    file of the same model from a live first call, e.g. on one device) the blocks' and the optimizer's times
+    and memory are the measured ones, and only the links between devices are the estimate's: the prediction
+    for a machine with more devices, written down before it runs."""
     config = config or RannConfig()
     t0 = time.perf_counter()
-    captured, lin, blocks = capture_blocks(model, example_inputs, config)
+    captured, lin, blocks = capture_blocks(model, example_inputs, config, dynamic_batch=measured is not None)
     log(f"captured {lin.size} operations into {blocks.count} blocks in {time.perf_counter() - t0:.1f} s")
     t1 = time.perf_counter()
     profile = estimate_profiles(captured, lin, blocks, device, activation_bytes_per_element)
+    if measured is not None:
+        profile = _with_estimated_links(measured, profile)
     deployment = plan(profile, blocks, world_size, batch_size, config, captured.fingerprint,
                       in_call_ok=captured.outputs.kinds == ["scalar"], row_cuts=row_cuts(captured, lin, blocks.bounds))
-    log(f"estimated profiles and planned for {world_size} x {device.name} in {time.perf_counter() - t1:.1f} s "
+    source = "measured profiles" if measured is not None else "estimated profiles"
+    log(f"{source} and planned for {world_size} x {device.name} in {time.perf_counter() - t1:.1f} s "
         f"({deployment.candidates_considered} candidate plans priced)")
     return deployment
+
+
+def _with_estimated_links(measured: ProfileSet, estimated: ProfileSet) -> ProfileSet:
+    """`measured` with the estimate's links between devices, after checking that its blocks are this graph's
+    (the same count, each reading the same parameters)."""
+    if len(measured.blocks) != len(estimated.blocks) or any(
+            sorted(m.tensors) != sorted(e.tensors) for m, e in zip(measured.blocks, estimated.blocks)):
+        raise ValueError(f"the measured profile has {len(measured.blocks)} blocks that do not match the "
+                         f"{len(estimated.blocks)} blocks of this model's graph (another model, configuration "
+                         f"or max_blocks)")
+    return dataclasses.replace(measured, p2p_bytes_per_ms=estimated.p2p_bytes_per_ms,
+                               p2p_latency_ms=estimated.p2p_latency_ms,
+                               allreduce_bytes_per_ms=estimated.allreduce_bytes_per_ms,
+                               allreduce_latency_ms=estimated.allreduce_latency_ms)

@@ -249,3 +249,33 @@ def test_both_directions_of_a_cut_are_priced():
     first, last = d.stages
     assert (first.send_ms, first.grad_send_ms) == (pytest.approx(transfer), 0.0)
     assert (last.send_ms, last.grad_send_ms) == (0.0, pytest.approx(transfer))
+
+
+def _live_profile_of_tiny_bert(rank, world, cache_dir):
+    """A first call of the tiny BERT (the batch bert.plan plans for: seq 128, 20 masked positions), which
+    leaves its measured profile in `cache_dir`."""
+    import rannc
+    from benchmarks.bert_throughput import make_batch
+    from bert.modeling import BertConfig, BertForPreTrainingWithCriterion
+
+    config = BertConfig.from_json_file("bert/configs/bert_tiny.json")
+    torch.manual_seed(0)
+    wrapped = rannc.RaNNCModule(BertForPreTrainingWithCriterion(config), profile_cache_dir=cache_dir)
+    wrapped(*make_batch(config, 8, 128, 20, torch.device("cpu"), 0)).backward()
+
+
+def test_dry_run_plans_from_a_profile_measured_on_one_device(tmp_path, capsys):
+    """A one-device run's profile plans for more devices: its measured block times, not the estimates."""
+    from bert import plan as bert_plan
+
+    from distributed import run_ranks
+    run_ranks(_live_profile_of_tiny_bert, 1, str(tmp_path))
+    path, = tmp_path.glob("profile_*.json")
+    args = ["--config_file", "bert/configs/bert_tiny.json", "--np", "4", "--batch_size", "32"]
+    measured = bert_plan.main(args + ["--profile", str(path)])
+    assert "measured profiles and planned for 4 x" in capsys.readouterr().out
+    estimated = bert_plan.main(args)
+    # the CPU's measured milliseconds, not an H200's estimated microseconds
+    assert measured.predicted_step_ms > 10 * estimated.predicted_step_ms
+    with pytest.raises(ValueError, match="do not match"):
+        bert_plan.main(["--config_file", "bert/configs/bert_base.json", "--np", "4", "--profile", str(path)])
