@@ -236,6 +236,6 @@ def _structured_outputs(rank, world, schedule):
     return max(errs)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_structured_outputs_with_a_scalar_loss_inside(schedule):
-    assert max(run_ranks(_structured_outputs, 2, schedule, timeout=200)) < RTOL
+def test_structured_outputs_with_a_scalar_loss_inside():
+    """GPipe (schedules running backwards inside the call refuse such a model: tests/test_bad_input.py)."""
+    assert max(run_ranks(_structured_outputs, 2, "gpipe", timeout=200)) < RTOL
