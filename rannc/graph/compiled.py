@@ -73,7 +73,7 @@ def _fail_at_recompile_limit():
     a stage never slows down silently."""
     import torch._dynamo
 
-    if "fail_on_recompile_limit_hit" not in torch._dynamo.config._config:
+    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
