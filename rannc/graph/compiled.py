@@ -36,6 +36,7 @@ class CompiledModule:
         self._seen: set[tuple] = set()
         self._options = _mode_options(mode)
         self._compiled = torch.compile(module, backend=self._backend)
+        self._at_limit = _fail_at_recompile_limit()   # made once: a reusable context, off the hot path
 
     def _backend(self, graph_module: torch.fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx  # inductor loads only when something compiles
@@ -47,7 +48,7 @@ class CompiledModule:
         situation = _situation(args)
         before = self.compiles
         try:
-            with _fail_at_recompile_limit():
+            with self._at_limit:
                 out = self._compiled(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
             raise RuntimeError(

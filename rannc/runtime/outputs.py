@@ -66,8 +66,7 @@ class OutputRouter:
         """The output leaves of the one micro-batch that covered the whole batch on the only rank, as the stage
         returned them: still tied to its graph, so that their backward is the stage's own."""
         (_, outputs), = results
-        return [outputs[k] if k in self.scalars or k in self.batched else None
-                for k in range(len(self.signature.kinds))]
+        return list(outputs)
 
     # ---- backward ------------------------------------------------------------------------------------
     def gradients(self, grads: list, batch: int, local_rows: int, local: bool):
