@@ -20,9 +20,11 @@ Groups without a trust ratio (weight_decay 0 and no nvlamb) are applied inside p
 The math is the foreach path's formulas in its order, with IEEE division and square root as torch's
 kernels use; only the compiler's fused multiply-adds round differently (about 1e-7 relative on a step).
 States are fp32; fp16/bf16 parameters and grads are upcast to fp32 and the new parameter is rounded back
-once. Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors, so that
-they can be checked without a GPU; the interpreter truncates fp32 to bf16 instead of rounding, so there
-bf16 results may be one ulp off the GPU's.
+once. Grads may have a dtype of their own (bf16 grads of fp32 master weights), and an optional fifth row of
+compute copies gets the new parameter rounded to its dtype wherever the parameter is written (+2 bytes per
+parameter for a bf16 copy, against a separate cast and copy of 12). Under Triton's interpreter
+(``TRITON_INTERPRET=1``) the same kernels run on CPU tensors, so that they can be checked without a GPU; the
+interpreter truncates fp32 to bf16 instead of rounding, so there bf16 results may be one ulp off the GPU's.
 """
 
 from __future__ import annotations
@@ -97,9 +99,10 @@ def _adam_update(m, v, p, bias_correction1, bias_correction2, eps, weight_decay,
 
 @triton.jit
 def _moments_block(
-    offs, n, p_ptr, g_ptr, m_ptr, v_ptr, clip, beta1, beta2, beta3, one_minus_beta2,
+    offs, n, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, clip, beta1, beta2, beta3, one_minus_beta2,
     bias_correction1, bias_correction2, eps, weight_decay, lr,
     MASKED: tl.constexpr, HAS_CLIP: tl.constexpr, DECAY: tl.constexpr, APPLY: tl.constexpr,
+    HAS_COPY: tl.constexpr,
 ):
     """Update m and v for one block; return its p² and u², or apply p -= lr·u when there is no trust ratio."""
     mask = offs < n
@@ -115,7 +118,10 @@ def _moments_block(
     _store(v_ptr, offs, v, mask, MASKED)
     u = _adam_update(m, v, p, bias_correction1, bias_correction2, eps, weight_decay, DECAY)
     if APPLY:
-        _store(p_ptr, offs, p - u * lr, mask, MASKED)
+        new_p = p - u * lr
+        _store(p_ptr, offs, new_p, mask, MASKED)
+        if HAS_COPY:
+            _store(c_ptr, offs, new_p, mask, MASKED)
     p_sq = p * p
     u_sq = u * u
     if MASKED:
@@ -129,15 +135,19 @@ def _moments_block(
 def _moments_kernel(
     table, numels, chunk_tensor, chunk_index, partials, clip_ptr, n_tensors, n_chunks,
     beta1, beta2, beta3, one_minus_beta2, bias_correction1, bias_correction2, eps, weight_decay, lr,
-    P_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, DECAY: tl.constexpr, APPLY: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    DECAY: tl.constexpr, APPLY: tl.constexpr, HAS_COPY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Pass 1 over one chunk: new m and v, and the chunk's sums of p² and u² (table rows: p, g, m, v)."""
+    """Pass 1 over one chunk: new m and v, and the chunk's sums of p² and u² (table rows: p, g, m, v, and the
+    compute copies c where HAS_COPY)."""
     tensor, start, length, full = _chunk_span(numels, chunk_tensor, chunk_index, CHUNK, BLOCK)
     p_ptr = _table_ptr(table, tensor, P_DTYPE)
-    g_ptr = _table_ptr(table, n_tensors + tensor, P_DTYPE)
+    g_ptr = _table_ptr(table, n_tensors + tensor, G_DTYPE)
     m_ptr = _table_ptr(table, 2 * n_tensors + tensor, tl.float32)
     v_ptr = _table_ptr(table, 3 * n_tensors + tensor, tl.float32)
+    c_ptr = p_ptr
+    if HAS_COPY:
+        c_ptr = _table_ptr(table, 4 * n_tensors + tensor, C_DTYPE)
     clip = 1.0
     if HAS_CLIP:
         clip = tl.load(clip_ptr)
@@ -147,16 +157,16 @@ def _moments_kernel(
     for off in range(0, full, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         p_sq, u_sq = _moments_block(
-            offs, end, p_ptr, g_ptr, m_ptr, v_ptr, clip, beta1, beta2, beta3, one_minus_beta2,
-            bias_correction1, bias_correction2, eps, weight_decay, lr, False, HAS_CLIP, DECAY, APPLY,
+            offs, end, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, clip, beta1, beta2, beta3, one_minus_beta2,
+            bias_correction1, bias_correction2, eps, weight_decay, lr, False, HAS_CLIP, DECAY, APPLY, HAS_COPY,
         )
         p_acc += p_sq
         u_acc += u_sq
     if full < length:
         offs = start + full + tl.arange(0, BLOCK)
         p_sq, u_sq = _moments_block(
-            offs, end, p_ptr, g_ptr, m_ptr, v_ptr, clip, beta1, beta2, beta3, one_minus_beta2,
-            bias_correction1, bias_correction2, eps, weight_decay, lr, True, HAS_CLIP, DECAY, APPLY,
+            offs, end, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, clip, beta1, beta2, beta3, one_minus_beta2,
+            bias_correction1, bias_correction2, eps, weight_decay, lr, True, HAS_CLIP, DECAY, APPLY, HAS_COPY,
         )
         p_acc += p_sq
         u_acc += u_sq
@@ -188,41 +198,48 @@ def _ratio_kernel(partials, chunk_first, chunk_count, ratios, n_chunks, lr, BLOC
 
 @triton.jit
 def _apply_block(
-    offs, n, p_ptr, m_ptr, v_ptr, ratio, bias_correction1, bias_correction2, eps, weight_decay,
-    MASKED: tl.constexpr, DECAY: tl.constexpr,
+    offs, n, p_ptr, m_ptr, v_ptr, c_ptr, ratio, bias_correction1, bias_correction2, eps, weight_decay,
+    MASKED: tl.constexpr, DECAY: tl.constexpr, HAS_COPY: tl.constexpr,
 ):
     mask = offs < n
     m = _load(m_ptr, offs, mask, MASKED)
     v = _load(v_ptr, offs, mask, MASKED)
     p = _load(p_ptr, offs, mask, MASKED)
     u = _adam_update(m, v, p, bias_correction1, bias_correction2, eps, weight_decay, DECAY)
-    _store(p_ptr, offs, p - u * ratio, mask, MASKED)
+    new_p = p - u * ratio
+    _store(p_ptr, offs, new_p, mask, MASKED)
+    if HAS_COPY:
+        _store(c_ptr, offs, new_p, mask, MASKED)
 
 
 @triton.jit
 def _apply_kernel(
     table, numels, chunk_tensor, chunk_index, ratios, n_tensors,
     bias_correction1, bias_correction2, eps, weight_decay,
-    P_DTYPE: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr, DECAY: tl.constexpr,
+    HAS_COPY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Pass 2 over one chunk: recompute u from the new m and v and write p - ratio·u."""
+    """Pass 2 over one chunk: recompute u from the new m and v and write p - ratio·u (and its compute copy)."""
     tensor, start, length, full = _chunk_span(numels, chunk_tensor, chunk_index, CHUNK, BLOCK)
     p_ptr = _table_ptr(table, tensor, P_DTYPE)
     m_ptr = _table_ptr(table, 2 * n_tensors + tensor, tl.float32)
     v_ptr = _table_ptr(table, 3 * n_tensors + tensor, tl.float32)
+    c_ptr = p_ptr
+    if HAS_COPY:
+        c_ptr = _table_ptr(table, 4 * n_tensors + tensor, C_DTYPE)
     ratio = tl.load(ratios + tensor)
     end = start + length
     for off in range(0, full, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         _apply_block(
-            offs, end, p_ptr, m_ptr, v_ptr, ratio, bias_correction1, bias_correction2, eps, weight_decay,
-            False, DECAY,
+            offs, end, p_ptr, m_ptr, v_ptr, c_ptr, ratio, bias_correction1, bias_correction2, eps, weight_decay,
+            False, DECAY, HAS_COPY,
         )
     if full < length:
         offs = start + full + tl.arange(0, BLOCK)
         _apply_block(
-            offs, end, p_ptr, m_ptr, v_ptr, ratio, bias_correction1, bias_correction2, eps, weight_decay,
-            True, DECAY,
+            offs, end, p_ptr, m_ptr, v_ptr, c_ptr, ratio, bias_correction1, bias_correction2, eps, weight_decay,
+            True, DECAY, HAS_COPY,
         )
 
 
@@ -351,7 +368,7 @@ def grad_norm(table: TensorTable, dtype: torch.dtype) -> torch.Tensor:
 
 def lamb_update(
     table: TensorTable,
-    dtype: torch.dtype,
+    dtypes: tuple[torch.dtype, ...],
     clip_divisor: torch.Tensor | None,
     *,
     lr: float,
@@ -364,10 +381,12 @@ def lamb_update(
     bias_correction2: float,
     adapt: bool,
 ) -> None:
-    """One LAMB step over a table whose rows are (params, grads, exp_avg, exp_avg_sq), in place.
+    """One LAMB step over a table whose rows are (params, grads, exp_avg, exp_avg_sq), in place, and a fifth
+    row of compute copies (the bf16 weights a model computes with, of fp32 masters) given the new parameters.
 
-    ``clip_divisor`` is a one-element fp32 tensor on the device (grads are divided by it) or None;
-    ``adapt`` says whether the trust ratio applies (weight_decay != 0 or nvlamb), else p -= lr·u.
+    ``dtypes`` are the rows' dtypes (params, grads, then the copies' where there are copies); ``clip_divisor``
+    is a one-element fp32 tensor on the device (grads are divided by it) or None; ``adapt`` says whether the
+    trust ratio applies (weight_decay != 0 or nvlamb), else p -= lr·u.
     """
     if table.n_chunks == 0:
         return
@@ -378,7 +397,10 @@ def lamb_update(
         "weight_decay": weight_decay, "lr": lr,
     }
     update_scalars = {k: scalars[k] for k in ("bias_correction1", "bias_correction2", "eps", "weight_decay")}
-    flags = {"P_DTYPE": _TL_DTYPES[dtype], "DECAY": weight_decay != 0.0, "CHUNK": table.chunk, "BLOCK": BLOCK}
+    has_copy = len(dtypes) > 2
+    flags = {"P_DTYPE": _TL_DTYPES[dtypes[0]], "G_DTYPE": _TL_DTYPES[dtypes[1]],
+             "C_DTYPE": _TL_DTYPES[dtypes[2] if has_copy else dtypes[0]], "HAS_COPY": has_copy,
+             "DECAY": weight_decay != 0.0, "CHUNK": table.chunk, "BLOCK": BLOCK}
     clip = clip_divisor if clip_divisor is not None else table.ratios  # any fp32 tensor: never read then
     with _launch_context(table.device):
         _moments_kernel[grid](

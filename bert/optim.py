@@ -63,6 +63,11 @@ class Lamb(torch.optim.Optimizer):
     ``param_group['step']`` counts steps, incremented by ``step()`` before use as apex does, so that
     :class:`bert.schedulers.PolyWarmUpScheduler` can read it and skipped (overflowed) steps do not count.
 
+    Compute copies (``steps_compute_copies``): a library that keeps fp32 master weights of a model computing
+    in bf16 (rannc's ``param_dtype``) sets ``compute_copies`` to {master: the bf16 parameter}; a master without
+    a grad of its own then takes its copy's grad (bf16, upcast in the math), and the copy gets the new value
+    in the same pass that writes the master: no fp32 gradient buffer, no separate copy back.
+
     ``fused`` picks the implementation, per bucket of parameters of one device and dtype. None (the default)
     runs the Triton kernels of :mod:`bert.lamb_triton` wherever they apply (CUDA, Triton importable, fp32,
     bf16 or fp16 parameters with grads of the same dtype, contiguous and 16-byte aligned) and torch's
@@ -112,8 +117,11 @@ class Lamb(torch.optim.Optimizer):
         self.fused = fused
         # Address tables of the fused kernels, re-pointed when a tensor moves (see TensorTable.holds).
         self._fused_tables: dict = {}
+        self.compute_copies: dict[torch.Tensor, torch.Tensor] = {}
         if fused:
             self._require_fused_support()
+
+    steps_compute_copies = True
 
     def _require_fused_support(self) -> None:
         """Fail at construction, not at the first step, when ``fused=True`` cannot be honoured."""
@@ -130,23 +138,42 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        params_per_group = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        params_per_group = [[p for p in group["params"] if self._grad(p) is not None] for group in self.param_groups]
         clip_divisor = self._clip_divisor([p for params in params_per_group for p in params])
 
         for index, (group, params) in enumerate(zip(self.param_groups, params_per_group)):
             # Every group counts the step, as apex does, so group 0's counter is the optimizer's.
             group["step"] = group.get("step", 0) + 1
-            for (device, dtype), bucket in _by_device_and_dtype(params).items():
+            for (device, dtype, grad_dtype, copy_dtype), bucket in self._buckets(params).items():
                 divisor = None if clip_divisor is None else clip_divisor.to(device)
                 exp_avgs, exp_avg_sqs = self._states(bucket)
-                rows = [bucket, [p.grad for p in bucket], exp_avgs, exp_avg_sqs]
-                dtypes = (dtype, dtype, _compute_dtype(dtype), _compute_dtype(dtype))
-                table = self._fused_table(("update", index, device, dtype), rows, dtypes)
+                grads = [self._grad(p) for p in bucket]
+                copies = [self.compute_copies[p] for p in bucket] if copy_dtype is not None else []
+                rows = [bucket, grads, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
+                dtypes = (dtype, grad_dtype, _compute_dtype(dtype), _compute_dtype(dtype)) + (
+                    (copy_dtype,) if copies else ())
+                table = self._fused_table(("update", index, device, dtype, grad_dtype, copy_dtype), rows, dtypes)
                 if table is not None:
-                    self._update_bucket_fused(group, table, dtype, divisor)
+                    self._update_bucket_fused(group, table, dtypes[:2] + dtypes[4:], divisor)
                 else:
-                    self._update_bucket(group, bucket, exp_avgs, exp_avg_sqs, divisor)
+                    self._update_bucket(group, bucket, grads, exp_avgs, exp_avg_sqs, divisor, copies)
         return loss
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """p's gradient, or its compute copy's where p is a master without one of its own."""
+        if p.grad is not None or not self.compute_copies:
+            return p.grad
+        copy = self.compute_copies.get(p)
+        return None if copy is None else copy.grad
+
+    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+        """Parameters by (device, dtype, grad dtype, compute copy's dtype or None): one bucket per kernel."""
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            copy = self.compute_copies.get(p) if self.compute_copies else None
+            key = (p.device, p.dtype, self._grad(p).dtype, None if copy is None else copy.dtype)
+            buckets.setdefault(key, []).append(p)
+        return buckets
 
     def _fused_table(self, key: tuple, rows: list[list[torch.Tensor]], dtypes: tuple) -> lamb_triton.TensorTable | None:
         """The kernels' table for these tensors, or None when the foreach path must take them.
@@ -183,8 +210,7 @@ class Lamb(torch.optim.Optimizer):
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         first_device = params[0].device
         norms = []
-        for (device, dtype), bucket in _by_device_and_dtype(params).items():
-            grads = [p.grad for p in bucket]
+        for (device, dtype), grads in _by_device_and_dtype([self._grad(p) for p in params]).items():
             table = self._fused_table(("grads", device, dtype), [grads], (dtype,))
             if table is not None:
                 bucket_norms = lamb_triton.grad_norm(table, dtype)
@@ -216,15 +242,16 @@ class Lamb(torch.optim.Optimizer):
         return 1.0 - beta1 ** group["step"], 1.0 - beta2 ** group["step"]
 
     def _update_bucket_fused(
-        self, group: dict, table: lamb_triton.TensorTable, dtype: torch.dtype, clip_divisor: torch.Tensor | None
+        self, group: dict, table: lamb_triton.TensorTable, dtypes: tuple, clip_divisor: torch.Tensor | None
     ) -> None:
-        """The same step as :meth:`_update_bucket` through the Triton kernels (see bert/lamb_triton.py)."""
+        """The same step as :meth:`_update_bucket` through the Triton kernels (see bert/lamb_triton.py);
+        ``dtypes``: the parameters', the grads' and the compute copies' (where there are copies)."""
         beta1, beta2 = group["betas"]
         bias_correction1, bias_correction2 = self._bias_corrections(group)
         weight_decay = float(group["weight_decay"])
         lamb_triton.lamb_update(
             table,
-            dtype,
+            dtypes,
             None if clip_divisor is None else clip_divisor.to(torch.float32).reshape(1),
             lr=float(group["lr"]),
             beta1=float(beta1),
@@ -241,18 +268,22 @@ class Lamb(torch.optim.Optimizer):
         self,
         group: dict,
         params: list[torch.Tensor],
+        grads: list[torch.Tensor],
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         clip_divisor: torch.Tensor | None,
+        copies: list[torch.Tensor],
     ) -> None:
-        """One LAMB step for parameters of one device and dtype; the math follows apex's multi_tensor_lamb."""
+        """One LAMB step for parameters of one device and dtype (and their compute copies, given the new
+        values); the math follows apex's multi_tensor_lamb."""
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         compute_dtype = _compute_dtype(params[0].dtype)
         upcast = params[0].dtype != compute_dtype
 
         work_params = [p.to(compute_dtype) for p in params] if upcast else params
-        grads = [p.grad.to(compute_dtype) for p in params] if upcast else [p.grad for p in params]
+        if grads[0].dtype != compute_dtype:
+            grads = [g.to(compute_dtype) for g in grads]
         if clip_divisor is not None:
             grads = torch._foreach_div(grads, clip_divisor.to(compute_dtype))
 
@@ -286,6 +317,8 @@ class Lamb(torch.optim.Optimizer):
 
         if upcast:
             torch._foreach_copy_(params, work_params)
+        if copies:
+            torch._foreach_copy_(copies, work_params)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as torch does, but keep moments in fp32 for fp16/bf16 parameters.
@@ -313,6 +346,7 @@ class Lamb(torch.optim.Optimizer):
         self.__dict__.setdefault("max_grad_norm", 1.0)
         self.__dict__.setdefault("fused", None)
         self._fused_tables = {}
+        self.compute_copies = {}
 
 
 def bert_param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:

@@ -138,6 +138,10 @@ class RannConfig:
                                          "in the steady state is logged as a warning; not with zb_h1 (a "
                                          "compiled stage's backward is one autograd node, which the split "
                                          "backward cannot divide)"})
+    param_dtype: str = dataclasses.field(
+        default="", metadata={"help": "bfloat16: the model computes with bfloat16 parameters and gradients while "
+                                      "the optimizer steps fp32 master weights, which state dicts hold (needs "
+                                      "the optimizer given to RaNNCModule); empty: the parameters as they are"})
     compile_mode: str = dataclasses.field(
         default="default", metadata={"help": "torch.compile's mode for compiled stages: default, reduce-overhead "
                                              "(CUDA graphs), max-autotune or max-autotune-no-cudagraphs"})
@@ -283,6 +287,8 @@ def _check_range(name: str, value: Any, source: str) -> None:
     elif name in ("min_pipeline", "max_pipeline", "opt_param_factor", "max_blocks", "profile_repeats") and (
             value < (0 if name == "opt_param_factor" else 1)):
         bad = "is too small"
+    elif name == "param_dtype" and value not in ("", "bfloat16"):
+        bad = "must be empty (the parameters as they are) or bfloat16"
     elif name == "compile_mode" and value not in COMPILE_MODES:
         bad = f"must be one of {', '.join(COMPILE_MODES)}"
     elif name == "schedule" and value not in ["auto", *schedule_names()]:

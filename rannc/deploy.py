@@ -26,6 +26,7 @@ from rannc.graph.signature import CallSignature
 from rannc.graph.stage import ROWS_NONE, build_stage, row_cuts
 from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import plan, profile_sizes, rows_within
+from rannc.precision import DTYPES, MasterWeights
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
 from rannc.profile.profiler import build_profile_set, cached_links, profile_cache_path
 from rannc.profile.profiles import ProfileSet
@@ -48,6 +49,7 @@ class Installed:
     placement: Placement
     engine: Engine
     state_keys: list[str]
+    masters: MasterWeights | None   # the fp32 masters of a model computed in bfloat16 (param_dtype)
 
 
 def first_call(model: nn.Module, optimizer_patch: OptimizerPatch | None, config: RannConfig, args: tuple,
@@ -63,10 +65,6 @@ def first_call(model: nn.Module, optimizer_patch: OptimizerPatch | None, config:
 
 def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_args, device, sync_params,
                 save_trace) -> Installed:
-    rank, world_size = rdist.get_rank(), rdist.get_world_size()
-    t0 = time.perf_counter()
-    logger.info("Tracing model ...")
-    state_keys = list(model.state_dict().keys())
     named = OrderedDict(list(model.named_parameters(remove_duplicate=False))
                         + list(model.named_buffers(remove_duplicate=False)))
     if optimizer_patch is not None:
@@ -74,6 +72,24 @@ def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_ar
         stray = [p for g in optimizer_patch.full_groups for p in g if id(p) not in model_params]
         if stray:
             raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
+    params = [t for t in named.values() if isinstance(t, nn.Parameter)]
+    # cast before the capture, so that the graph holds no casts of the weights (autocast's, on every forward)
+    masters = MasterWeights(params, DTYPES[config.param_dtype]) if config.param_dtype else None
+    try:
+        return _capture_plan_install(model, optimizer_patch, config, args, kwargs, tensors, global_args, device,
+                                     sync_params, save_trace, named, masters)
+    except BaseException:
+        if masters is not None:  # the model as the user gave it, fp32 weights and all
+            masters.restore(params)
+        raise
+
+
+def _capture_plan_install(model, optimizer_patch, config, args, kwargs, tensors, global_args, device, sync_params,
+                          save_trace, named, masters) -> Installed:
+    rank, world_size = rdist.get_rank(), rdist.get_world_size()
+    t0 = time.perf_counter()
+    logger.info("Tracing model ...")
+    state_keys = list(model.state_dict().keys())
     model_device = next((t.device for t in named.values()), torch.device("cpu"))
     with preserved_state(model):  # profiling must not count as training (capture preserves on its own)
         call = CallSignature.of(args, kwargs)
@@ -93,7 +109,7 @@ def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_ar
         deployment, error = None, None
         links = cached_links(device, config.profile_cache_dir, logger.info) if not config.load_deployment else {}
         profiling = ProfileJob(config, captured, lin, blocks, global_args, batch_size, plan_world, links,
-                               optimizer_patch, device)
+                               optimizer_patch, device, masters is not None)
         alongside_error = None
         if rank == 0:
             try:
@@ -121,9 +137,9 @@ def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_ar
         rdist.barrier()
         sys.exit(0)
     placement, engine = _install(model, captured, lin, deployment, named, optimizer_patch, config, device,
-                                 sync_params, save_trace)
+                                 sync_params, save_trace, masters)
     logger.info("RaNNCModule is ready (%.1f s). (rank0)", time.perf_counter() - t0)
-    return Installed(captured, deployment, placement, engine, state_keys)
+    return Installed(captured, deployment, placement, engine, state_keys, masters)
 
 
 def _announce_outputs(model: nn.Module, captured: CapturedGraph, rank: int) -> None:
@@ -158,6 +174,7 @@ class ProfileJob:
     links: dict
     optimizer_patch: OptimizerPatch | None
     device: torch.device
+    master_weights: bool = False   # the optimizer steps fp32 masters of the (bfloat16) parameters
 
     def __post_init__(self) -> None:
         config = self.config
@@ -177,8 +194,12 @@ class ProfileJob:
     def profile(self, quiet: bool = False):
         """Every block's profile and the optimizer's (`quiet`: alongside rank 0, nothing logged or cached)."""
         config, log = self.config, (lambda *_: None) if quiet else logger.info
+        with torch.enable_grad():   # a first call under no_grad (evaluation first) still times backwards
+            return self._profile(config, log, quiet)
+
+    def _profile(self, config: RannConfig, log, quiet: bool):
         update = measure_update(self.optimizer_patch.optimizer if self.optimizer_patch is not None else None,
-                                _parameter_dtype(self.captured), self.device)
+                                _parameter_dtype(self.captured), self.device, master_weights=self.master_weights)
         return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
@@ -211,18 +232,24 @@ def _make_plan(job: ProfileJob) -> Deployment:
 
 
 def _install(model, captured, lin, deployment: Deployment, named: dict, optimizer_patch, config: RannConfig,
-             device: torch.device, sync_params: bool, save_trace) -> tuple[Placement, Engine]:
+             device: torch.device, sync_params: bool, save_trace, masters: MasterWeights | None
+             ) -> tuple[Placement, Engine]:
     rank, world_size = rdist.get_rank(), rdist.get_world_size()
     stages = [build_stage(captured, lin, s.start, s.end) for s in deployment.stages]
     if sync_params and world_size > 1:
         comm = rdist.comm_device()
         with torch.no_grad():
             for t in dict.fromkeys(named.values()):
-                buf = t.detach().to(comm)
+                source = masters.of(t) if masters is not None else t   # rank 0's fp32 value, then its cast
+                buf = source.detach().to(comm)
                 dist.broadcast(buf, 0)
-                t.copy_(buf.to(t.device))
+                source.copy_(buf.to(source.device))
+                if source is not t:
+                    t.copy_(source)
     placement = Placement(stages, deployment, rank, named)
     placement.place(device)
+    if masters is not None:
+        masters.keep(placement.local_parameters(), device)
     runtime = None
     forward_group = gradient_group = None
     if deployment.virtual_stages > 1:   # a pair of ranks exchanges values and gradients both ways
@@ -240,7 +267,7 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
             runtime.trace, runtime.trace_pid = [], rank
             atexit.register(save_trace)
     if optimizer_patch is not None:
-        optimizer_patch.deploy(placement)
+        optimizer_patch.deploy(placement, masters)
     outputs = captured.outputs
     in_call = deployment.schedule != "gpipe" and deployment.pipeline_depth > 1
     if in_call and outputs.kinds != ["scalar"]:

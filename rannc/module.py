@@ -53,7 +53,8 @@ class RaNNCModule(nn.Module):
                  use_amp_master_params: bool = False, config: RannConfig | None = None, **config_items: Any):
         super().__init__()
         if enable_apex_amp or use_amp_master_params:
-            raise NotImplementedError("apex amp is not supported; use torch.autocast around the call")
+            raise NotImplementedError("apex amp is not supported; use torch.autocast around the call, and "
+                                      "param_dtype='bfloat16' for bfloat16 weights with fp32 masters")
         if enable_zero or offload_params:
             raise NotImplementedError(f"{'enable_zero' if enable_zero else 'offload_params'}=True is not "
                                       f"supported by rannc: the planner fits every stage in device memory with "
@@ -62,6 +63,9 @@ class RaNNCModule(nn.Module):
             config_items["load_deployment"] = load_deployment
         config_items["gather_inputs"] = gather_inputs
         self.config = (config or load_config()).replace(**config_items)
+        if self.config.param_dtype and optimizer is None:
+            raise ValueError(f"param_dtype={self.config.param_dtype!r} needs the optimizer: "
+                             f"RaNNCModule(model, optimizer, ...) (it steps the fp32 master weights)")
         rdist.init(self.config.comm_timeout_s)
         faults.install()
         self.model = model
@@ -71,6 +75,7 @@ class RaNNCModule(nn.Module):
         self._placement: Placement | None = None
         self._engine: Engine | None = None
         self._captured = None
+        self._masters = None
         self.rank = rdist.get_rank()
         self.world_size = rdist.get_world_size()
         self.device = rdist.device()
@@ -110,6 +115,7 @@ class RaNNCModule(nn.Module):
             self._captured, self._deployment = installed.captured, installed.deployment
             self._placement, self._engine = installed.placement, installed.engine
             self._state_keys = installed.state_keys
+            self._masters = installed.masters
         local = self._local_rows_only()
         batch_args = tensors if local else (global_args or self._global_batch(tensors))
         leaves = self._engine.run(batch_args, local, self.config.gather_inputs, train=self.training,
@@ -153,15 +159,16 @@ class RaNNCModule(nn.Module):
     # ---- parameters and state -----------------------------------------------------------------------
     def get_param(self, name: str, amp_master_param: bool = False) -> torch.Tensor:
         """The full value of parameter (or buffer) `name`, on every rank (a CPU copy once deployed).
-        Collective after deployment: every rank asks for the same names in the same order."""
-        return self._get_tensor(name, grad=False)
+        Collective after deployment: every rank asks for the same names in the same order. Under
+        param_dtype: the bfloat16 value the model computes with, or with `amp_master_param` the fp32 master."""
+        return self._get_tensor(name, grad=False, master=amp_master_param)
 
     def get_param_grad(self, name: str, amp_master_param: bool = False) -> torch.Tensor | None:
         """The gradient of parameter `name` as its holders have it (summed unless delayed), on every rank.
-        Collective after deployment."""
-        return self._get_tensor(name, grad=True)
+        Collective after deployment. Under param_dtype, `amp_master_param` gives it in fp32."""
+        return self._get_tensor(name, grad=True, master=amp_master_param)
 
-    def _get_tensor(self, name: str, grad: bool) -> torch.Tensor | None:
+    def _get_tensor(self, name: str, grad: bool, master: bool = False) -> torch.Tensor | None:
         named = dict(self.model.named_parameters(remove_duplicate=False))
         named.update(self.model.named_buffers(remove_duplicate=False))
         if name not in named:
@@ -170,7 +177,7 @@ class RaNNCModule(nn.Module):
         if self._placement is None:
             value = t.grad if grad else t
             return None if value is None else value.detach()
-        return fetch_tensor(self._placement, name, grad)
+        return fetch_tensor(self._placement, name, grad, self._masters if master else None)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True,
                          from_global: bool = False):
@@ -196,7 +203,7 @@ class RaNNCModule(nn.Module):
             return iter(items)
         if from_global:
             keys = [n[len(prefix) + 1:] if prefix else n for n, _ in items]
-            full = gather_state_dict(self._placement, keys, True)
+            full = gather_state_dict(self._placement, keys, True, self._masters)
             return iter([(n, full[k]) for (n, _), k in zip(items, keys)])
         return iter([(n, t) for n, t in items if self._placement.is_local(t)])
 
@@ -209,12 +216,13 @@ class RaNNCModule(nn.Module):
                                       "rannc's state dicts; use get_param_grad(name)")
         if self._placement is None:
             return self.model.state_dict(*args, **kwargs)
-        return gather_state_dict(self._placement, list(self._state_keys), sync_all_ranks or not rank0_only)
+        return gather_state_dict(self._placement, list(self._state_keys), sync_all_ranks or not rank0_only,
+                                 self._masters if amp_master_params else None)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True, **kwargs):
         if self._placement is None:
             return self.model.load_state_dict(state_dict, strict=strict)
-        load_into_local(self._placement, state_dict, strict)
+        load_into_local(self._placement, state_dict, strict, self._masters)
 
     def undeploy(self) -> None:
         """Give the model back whole: every rank's model holds every parameter and buffer again (and the
@@ -223,12 +231,12 @@ class RaNNCModule(nn.Module):
         if self._placement is None:
             return
         optimizer_state = self._optimizer_patch.state_dict() if self._optimizer_patch is not None else None
-        full = gather_state_dict(self._placement, list(self._state_keys), True)
-        restore_all(self._placement, full, self.device if self.device.type == "cuda" else None)
+        full = gather_state_dict(self._placement, list(self._state_keys), True, self._masters)
+        restore_all(self._placement, full, self.device if self.device.type == "cuda" else None, self._masters)
         if self._optimizer_patch is not None:
             self._optimizer_patch.undeploy()
             self._optimizer_patch.load_state_dict(optimizer_state)
-        self._deployment = self._placement = self._engine = self._captured = None
+        self._deployment = self._placement = self._engine = self._captured = self._masters = None
 
     # ---- switches and files -------------------------------------------------------------------------
     def enable_dropout(self, enable: bool) -> None:

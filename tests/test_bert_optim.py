@@ -283,15 +283,54 @@ for fused in (None, False):
     runs.append(params)
 for p, q in zip(*runs):
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+from test_bert_optim import train_with_compute_copies
+fused, foreach = train_with_compute_copies(None), train_with_compute_copies(False)
+for (m, c), (m2, c2) in zip(fused, foreach):
+    torch.testing.assert_close(m, m2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c.float(), c2.float(), rtol=2 ** -7, atol=0)   # the interpreter truncates
 print("fused matches foreach")
 """
+
+
+def train_with_compute_copies(fused, by_hand: bool = False):
+    """Three LAMB steps over fp32 masters whose bf16 compute copies hold the grads (rannc's param_dtype), by
+    `compute_copies` or, `by_hand`, with the grads cast into the masters and the masters copied back."""
+    shapes = [(70001,), (5,), (3, 7), (2048,)]
+    masters = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    copies = [nn.Parameter(m.detach().to(torch.bfloat16)) for m in masters]
+    groups = [{"params": masters[:3], "weight_decay": 0.01}, {"params": masters[3:], "weight_decay": 0.0}]
+    optimizer = Lamb(groups, lr=0.02, max_grad_norm=1.0, fused=fused)
+    if not by_hand:
+        optimizer.compute_copies = dict(zip(masters, copies))
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for c in copies:
+            c.grad = (3.0 * torch.randn(c.shape, generator=gen)).to(torch.bfloat16)
+        if by_hand:
+            for m, c in zip(masters, copies):
+                m.grad = c.grad.float()
+        optimizer.step()
+        if by_hand:
+            with torch.no_grad():
+                for m, c in zip(masters, copies):
+                    c.copy_(m)
+                    m.grad = None
+    return [(m.detach(), c.detach()) for m, c in zip(masters, copies)]
+
+
+def test_lamb_compute_copies_equal_grads_cast_into_masters_and_copied_back():
+    """rannc's param_dtype hands Lamb {master: bf16 copy}: the same step as the generic path's casts."""
+    for (m, c), (m2, c2) in zip(train_with_compute_copies(False), train_with_compute_copies(False, by_hand=True)):
+        assert torch.equal(m, m2) and torch.equal(c, c2)
+        assert m.dtype == torch.float32 and c.dtype == torch.bfloat16
+        assert torch.equal(c, m.to(torch.bfloat16))
 
 
 def test_fused_kernels_match_foreach_under_triton_interpreter():
     """The Triton kernels on CPU through Triton's interpreter (skipped where Triton is not installed)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=600

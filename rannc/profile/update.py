@@ -18,6 +18,7 @@ import types
 
 import torch
 
+from rannc.precision import MasterWeights
 from rannc.profile.profiler import sync_device
 from rannc.profile.profiles import UpdateProfile
 
@@ -80,11 +81,27 @@ def _copy_of(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter])
     return clone
 
 
+def _with_masters(sets: dict[str, list[torch.nn.Parameter]], device: torch.device) -> dict[str, MasterWeights]:
+    """fp32 masters of bf16 stand-ins (their gradients bf16 too), as a deployment with param_dtype keeps them."""
+    out = {}
+    for key, params in sets.items():
+        for p in params:
+            p.grad = None
+            p.data = p.data.float()
+        out[key] = MasterWeights(params, torch.bfloat16)
+        out[key].keep(params, device)
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+    return out
+
+
 def measure_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, device: torch.device,
-                   large_bytes: int | None = None, repeats: int = 5) -> UpdateProfile:
+                   large_bytes: int | None = None, repeats: int = 5, master_weights: bool = False) -> UpdateProfile:
     """The optimizer step and clipping by the global norm (`torch.nn.utils.clip_grad_norm_`, which rannc's
     clipping matches per device) over stand-in parameters of `dtype`; an optimizer that cannot be copied
-    that way is left out with a warning."""
+    that way is left out with a warning. With `master_weights` the optimizer steps fp32 masters of the
+    (bfloat16) stand-ins with the copies in and out around it, and the masters and their gradients count as
+    its state: every figure is per byte of the parameters the model computes with."""
     if large_bytes is None:
         large_bytes = 256 * 2**20 if device.type == "cuda" else 16 * 2**20
     element = torch.empty((), dtype=dtype).element_size()
@@ -101,9 +118,15 @@ def measure_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, 
     if optimizer is None:
         return profile
     name = type(optimizer).__name__
+    masters = _with_masters(sets, device) if master_weights else None
     try:
-        optimizers = {key: _copy_of(optimizer, ps) for key, ps in sets.items()}
-        times = {key: _median_ms(opt.step, device, repeats) for key, opt in optimizers.items()}
+        if masters is None:
+            optimizers = {key: _copy_of(optimizer, ps) for key, ps in sets.items()}
+            steps = {key: opt.step for key, opt in optimizers.items()}
+        else:
+            optimizers = {key: _copy_of(optimizer, [masters[key].of(p) for p in ps]) for key, ps in sets.items()}
+            steps = {key: (lambda opt=opt, m=masters[key]: m.step(opt.step, opt)) for key, opt in optimizers.items()}
+        times = {key: _median_ms(step, device, repeats) for key, step in steps.items()}
     except Exception as exc:  # any optimizer class may refuse; planning goes on without its cost
         logger.warning("could not time a copy of the optimizer %s (%s: %s); the planner leaves the optimizer "
                        "step out of its step time", name, type(exc).__name__, exc)
@@ -113,11 +136,13 @@ def measure_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, 
         sync_device(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        optimizers["large"].step()
+        steps["large"]()
         sync_device(device)
         temp = (torch.cuda.max_memory_allocated(device) - before) / large_total
     state = sum(t.numel() * t.element_size() for st in optimizers["large"].state.values() for t in st.values()
                 if torch.is_tensor(t) and t.dim() > 0)
+    if masters is not None:   # the masters (their gradients live through the step only: the temp above)
+        state += sum(p.numel() * 4 for p in sets["large"])
     profile.optimizer_ms_fixed, profile.optimizer_ms_per_tensor, profile.optimizer_ms_per_byte = _fit(
         times["few"], times["small"], times["large"], element, large_numel)
     profile.optimizer_temp_bytes_per_byte = temp

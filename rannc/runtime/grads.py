@@ -68,7 +68,9 @@ def global_grad_norm(placement: Placement, device: torch.device, norm_type: floa
     then one one-element all-reduce: no per-parameter launches, no host synchronisation."""
     owned = [p.grad for p in placement.owned_parameters() if p.grad is not None]
     with torch.no_grad():
-        norms = [n for group in _by_device_and_dtype(owned) for n in torch._foreach_norm(group, norm_type)]
+        # fp32 norms of bf16 gradients too (their own dtype would keep three significant digits)
+        norms = [n for group in _by_device_and_dtype(owned)
+                 for n in torch._foreach_norm(group, norm_type, dtype=torch.float32)]
         stacked = (torch.stack([n.to(device, torch.float32) for n in norms]) if norms
                    else torch.zeros(1, dtype=torch.float32, device=device))
         inf = norm_type == math.inf
@@ -87,7 +89,8 @@ def clip_grad_norm(placement: Placement, device: torch.device, max_norm: float,
     grads = [p.grad for p in placement.local_parameters() if p.grad is not None]
     with torch.no_grad():
         for group in _by_device_and_dtype(grads):
-            torch._foreach_mul_(group, coef.to(group[0].device))
+            # the factor in the gradients' dtype: a factor of another dtype takes a slow path, tensor by tensor
+            torch._foreach_mul_(group, coef.to(group[0].device, group[0].dtype))
     return total
 
 

@@ -21,17 +21,32 @@ import torch
 
 from rannc import dist as rdist
 from rannc import faults
+from rannc.precision import MasterWeights
 from rannc.runtime.placement import Placement
 
 
-def _reported_step(step):
+def _reported_step(step, patch: OptimizerPatch):
     """The optimizer's step (as it stands: maybe an LR scheduler's wrapper) with its failures reported to the
-    other ranks. A method again, so that an LR scheduler made later can wrap it as it wraps any step."""
+    other ranks, over the fp32 masters where the model computes in bfloat16. A method again, so that an LR
+    scheduler made later can wrap it as it wraps any step."""
     @faults.guarded("optimizer step")
     @functools.wraps(step)
     def reported_step(optimizer, *args, **kwargs):
+        if patch.masters is not None:
+            return patch.masters.step(lambda: step(*args, **kwargs), optimizer)
         return step(*args, **kwargs)
     return reported_step
+
+
+def _zeroing_compute_grads(zero_grad, patch: OptimizerPatch):
+    """The optimizer's zero_grad, which also clears the bfloat16 parameters' gradients under param_dtype (the
+    optimizer holds their fp32 masters, whose own gradients are never set)."""
+    @functools.wraps(zero_grad)
+    def zeroing(optimizer, set_to_none: bool = True):
+        zero_grad(set_to_none)
+        if patch.masters is not None:
+            patch.masters.zero_grad(set_to_none)
+    return zeroing
 
 
 class OptimizerPatch:
@@ -39,6 +54,7 @@ class OptimizerPatch:
         self.optimizer = optimizer
         self.full_groups = [list(g["params"]) for g in optimizer.param_groups]
         self.placement: Placement | None = None
+        self.masters: MasterWeights | None = None
         self.pending_state: dict | None = None
         self._orig_state_dict = optimizer.state_dict
         self._orig_load = optimizer.load_state_dict
@@ -46,26 +62,34 @@ class OptimizerPatch:
             lambda opt, from_global=False, **kwargs: self.state_dict(from_global, **kwargs), optimizer)
         optimizer.load_state_dict = types.MethodType(
             lambda opt, state_dict, from_global=False: self.load_state_dict(state_dict, from_global), optimizer)
-        optimizer.step = types.MethodType(_reported_step(optimizer.step), optimizer)
+        optimizer.step = types.MethodType(_reported_step(optimizer.step, self), optimizer)
+        optimizer.zero_grad = types.MethodType(_zeroing_compute_grads(optimizer.zero_grad, self), optimizer)
 
-    def deploy(self, placement: Placement) -> None:
-        """Keep only local parameters in the param groups; apply a state dict loaded before deployment."""
-        self.placement = placement
+    def deploy(self, placement: Placement, masters: MasterWeights | None = None) -> None:
+        """Keep only local parameters in the param groups (their fp32 masters where the model computes in
+        bfloat16); apply a state dict loaded before deployment."""
+        self.placement, self.masters = placement, masters
         for group, full in zip(self.optimizer.param_groups, self.full_groups):
-            group["params"] = [p for p in full if placement.is_local(p)]
+            group["params"] = [self._stepped(p) for p in full if placement.is_local(p)]
         for p in list(self.optimizer.state):
             if not placement.is_local(p):
                 del self.optimizer.state[p]
+            elif self._stepped(p) is not p:
+                self.optimizer.state[self._stepped(p)] = self.optimizer.state.pop(p)
         if self.pending_state is not None:
             state, self.pending_state = self.pending_state, None
             self.load_state_dict(state)
 
     def undeploy(self) -> None:
         """Give the param groups all of their parameters back (state: load a global state dict after)."""
-        self.placement = None
+        self.placement = self.masters = None
         for group, full in zip(self.optimizer.param_groups, self.full_groups):
             group["params"] = list(full)
         self.optimizer.state.clear()
+
+    def _stepped(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizer steps for model parameter `p`: its master, or `p` itself."""
+        return self.masters.of(p) if self.masters is not None else p
 
     def _global_index(self) -> list[torch.nn.Parameter]:
         return [p for full in self.full_groups for p in full]
@@ -88,9 +112,9 @@ class OptimizerPatch:
         mine = {}
         for index, p in enumerate(order):
             if self.placement.is_local(p) and self.placement.owner(p) == self.placement.rank and \
-                    p in self.optimizer.state:
+                    self._stepped(p) in self.optimizer.state:
                 mine[index] = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                               for k, v in self.optimizer.state[p].items()}
+                               for k, v in self.optimizer.state[self._stepped(p)].items()}
         state: dict[int, Any] = {}
         for part in rdist.all_gather_objects(mine):
             state.update(part)
