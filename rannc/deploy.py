@@ -25,7 +25,7 @@ from rannc.graph.compiled import CompiledModule
 from rannc.graph.signature import CallSignature
 from rannc.graph.stage import ROWS_NONE, build_stage, row_cuts
 from rannc.plan.deployment import Deployment, DeploymentError
-from rannc.plan.planner import plan, profile_sizes, rows_within
+from rannc.plan.planner import parse_stage_replicas, plan, profile_sizes, rows_within
 from rannc.precision import DTYPES, MasterWeights
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
 from rannc.profile.profiler import build_profile_set, cached_links, profile_cache_path
@@ -102,6 +102,8 @@ def _capture_plan_install(model, optimizer_patch, config, args, kwargs, tensors,
             error = exc
         rdist.agree_or_raise(error, "capturing the model")
         _announce_outputs(model, captured, rank)
+        if config.schedule not in ("auto", "gpipe") and _forced_stages(config) > 1:
+            _refuse_in_call(config.schedule, captured.outputs)   # every rank, before any profiling
         batch_size = global_args[captured.batched_inputs.index(True)].shape[0] if any(captured.batched_inputs) else 1
         logger.info("Captured %d operations in %d blocks (%d cut points) in %.1f s", lin.size, blocks.count,
                     len(lin.valid_cuts), time.perf_counter() - t0)
@@ -270,18 +272,31 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
         optimizer_patch.deploy(placement, masters)
     outputs = captured.outputs
     in_call = deployment.schedule != "gpipe" and deployment.pipeline_depth > 1
-    if in_call and outputs.kinds != ["scalar"]:
+    if in_call:
         # every rank raises it (each checks the same plan): running GPipe instead would leave the deployment,
         # its report and its predicted step describing a schedule that does not run
-        raise DeploymentError(f"schedule '{deployment.schedule}' runs backwards inside the call and needs a "
-                              f"model returning one scalar loss; this model returns {len(outputs.kinds)} "
-                              f"outputs: use schedule='gpipe' or 'auto' (which plans GPipe for it)")
+        _refuse_in_call(deployment.schedule, outputs)
     router = OutputRouter(outputs, rank, world_size, device, config.gather_inputs)
     engine = Engine(deployment, placement, runtime, [stages[c] for c in pieces], router, captured.batched_inputs,
                     rank, world_size, device, in_call)
     if engine.reducer is not None:
         model.zero_grad(set_to_none=True)  # the reducer sized its buckets with zero gradients
     return placement, engine
+
+
+def _forced_stages(config: RannConfig) -> int:
+    """The pipeline stages the configuration fixes before planning (0: the planner chooses)."""
+    if config.stage_replicas:
+        return len(parse_stage_replicas(config.stage_replicas))
+    return config.partition_num
+
+
+def _refuse_in_call(schedule: str, outputs) -> None:
+    """A schedule running backwards inside the call needs the model's one scalar loss to start them from."""
+    if outputs.kinds != ["scalar"]:
+        raise DeploymentError(f"schedule '{schedule}' runs backwards inside the call and needs a model returning "
+                              f"one scalar loss; this model returns {len(outputs.kinds)} outputs: use "
+                              f"schedule='gpipe' or 'auto' (which plans GPipe for it)")
 
 
 def _check_cuts(deployment: Deployment, stages: list) -> None:

@@ -99,6 +99,8 @@ def test_a_schedule_running_backwards_in_the_call_is_refused_for_a_model_with_tw
     assert sorted(errors) == [0, 1]
     assert all("schedule '1f1b' runs backwards inside the call and needs a model returning one scalar loss; "
                "this model returns 2 outputs" in e for e in errors.values()), errors
+    # right after the capture: neither profiled nor planned (the traceback names no later step)
+    assert not any(step in e for e in errors.values() for step in ("in _make_plan", "in profile", "in _install\n"))
 
 
 def test_different_local_batch_sizes_fail_on_every_rank():

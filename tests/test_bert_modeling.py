@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bert.modeling import (
+    MASKED_SCORE,
     BertConfig,
     BertForPreTraining,
     BertForPreTrainingWithCriterion,
@@ -223,18 +224,35 @@ def test_each_head_names_its_inputs_when_given_the_other_heads_batch():
 
 
 def test_scale_query_key_matches_plain_attention_in_fp32():
+    """The layer-scaled attention (taken for fp16 activations) computes what plain attention does, for every
+    layer number; in fp32 and bf16 the model takes the fused attention whatever the option says."""
     torch.manual_seed(0)
     config = deterministic_tiny_config(num_hidden_layers=3)  # layer numbers 1..3 all exercised
     plain_model = BertForPreTraining(config).eval()
     scaled_model = BertForPreTraining(dataclasses.replace(config, scale_query_key=True)).eval()
     scaled_model.load_state_dict(plain_model.state_dict())
     input_ids, token_type_ids, attention_mask, _, _ = make_batch(config)
+    additive_mask = (1.0 - attention_mask[:, None, None, :].float()) * MASKED_SCORE
+    shape = (2, config.num_attention_heads, input_ids.shape[1], config.head_size)
+    query, key, value = (torch.randn(shape) for _ in range(3))
+    plain = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                             attn_mask=additive_mask[:2] > MASKED_SCORE / 2)
+    for layer in scaled_model.encoder.layers:
+        scaled = layer.attention.layer_scaled_attention(query, key, value, additive_mask[:2], 0.0)
+        torch.testing.assert_close(scaled, plain, rtol=0, atol=1e-5)
 
     with torch.no_grad():
         plain_outputs = plain_model(input_ids, token_type_ids, attention_mask)
         scaled_outputs = scaled_model(input_ids, token_type_ids, attention_mask)
     for plain_output, scaled_output in zip(plain_outputs, scaled_outputs):
         torch.testing.assert_close(scaled_output, plain_output, rtol=0, atol=1e-5)
+
+    attention, taken = scaled_model.encoder.layers[2].attention, []
+    attention.layer_scaled_attention = lambda *args: taken.append(args[0].dtype) or args[2]
+    with torch.no_grad():
+        attention.half()(torch.randn(2, SEQ_LEN, config.hidden_size, dtype=torch.float16), additive_mask.half())
+        attention.float()(torch.randn(2, SEQ_LEN, config.hidden_size), additive_mask)
+    assert taken == [torch.float16]   # fp16 activations only
 
 
 def test_megatron_residual_connection_builds_and_trains():
