@@ -61,6 +61,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=42, help="model init (all ranks), data order; dropout uses seed + rank")
     add("--bf16", action="store_true", help="bfloat16 autocast")
     add("--fp16", action="store_true", help="float16 autocast with dynamic loss scaling")
+    add("--bf16_weights", action="store_true",
+        help="with --bf16: the model computes with bfloat16 weights, LAMB steps fp32 masters (rannc's "
+             "param_dtype); checkpoints hold the masters")
     add("--init_loss_scale", type=float, default=2.0**20, help="first loss scale of --fp16")
     add("--log_freq", type=int, default=1, help="optimizer steps between dllogger records")
     add("--num_steps_per_checkpoint", type=int, default=100, help="optimizer steps between checkpoints")
@@ -86,6 +89,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.bf16 and args.fp16:
         parser.error("choose one of --bf16 and --fp16")
+    if args.bf16_weights and not args.bf16:
+        parser.error("--bf16_weights needs --bf16 (bfloat16 autocast around the model)")
     k = args.gradient_accumulation_steps
     if k < 1 or args.train_batch_size % k != 0:
         parser.error(f"--train_batch_size ({args.train_batch_size}) must be a multiple of "
@@ -384,12 +389,15 @@ def main(argv: list[str] | None = None) -> dict:
     new_phase = checkpoint is not None and (bool(args.init_checkpoint) or (args.phase2 and not checkpoint["phase2"]))
 
     rannc_options = {} if args.partition_num is None else {"partition_num": args.partition_num}
+    if args.bf16_weights:
+        rannc_options["param_dtype"] = "bfloat16"
     deployment_file = None
     if checkpoint is not None and not new_phase:
         call_batch = (args.train_batch_size // k) * world_size
         deployment_file = resumed_deployment(checkpoint, args, rank, world_size, call_batch)
     if deployment_file is not None:
-        rannc_options = {"load_deployment": str(deployment_file)}
+        rannc_options = {"load_deployment": str(deployment_file),
+                         **({"param_dtype": "bfloat16"} if args.bf16_weights else {})}
     model = rannc.RaNNCModule(model, optimizer, **rannc_options)
     rannc.delay_grad_allreduce(args.allreduce_post_accumulation)
     if args.no_dropout:

@@ -88,14 +88,15 @@ def test_full_sequence_mlm_head_gives_the_default_heads_losses(data_dir, tmp_pat
     torch.testing.assert_close(torch.tensor(masked["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("world,stages", [(1, 1), (2, 1), (2, 2)])
-def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path, world, stages):
+# one process with bf16 weights (the direct path of world size 1 with fp32 masters), data parallel, 2 stages
+@pytest.mark.parametrize("world,stages,precision", [(1, 1, ("--bf16", "--bf16_weights")), (2, 1, ()), (2, 2, ())])
+def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path, world, stages, precision):
     """Dropout on, accumulation 2: 20 steps straight, against 10 steps (--steps_this_run, checkpoint) and a resumed
-    run for steps 11-20, bitwise, in one process, data-parallel on 2 and 2 stages on 2. Weights, LAMB moments and
-    step, the data order, every rank's random generators and the plan must all come back; a torn newer checkpoint
-    (ckpt_15.pt) is named and passed over."""
+    run for steps 11-20, bitwise, in one process (bf16 weights, fp32 masters), data-parallel on 2 and 2 stages on
+    2. Weights (the masters), LAMB moments and step, the data order, every rank's random generators and the plan
+    must all come back; a torn newer checkpoint (ckpt_15.pt) is named and passed over."""
     common = ("--max_steps", "20", "--train_batch_size", "8", "--gradient_accumulation_steps", "2",
-              "--partition_num", str(stages), "--num_steps_per_checkpoint", "100")
+              "--partition_num", str(stages), "--num_steps_per_checkpoint", "100", *precision)
     straight = _args(data_dir, tmp_path / "straight", *common, "--skip_checkpoint")
     first = _args(data_dir, tmp_path / "stopped", *common, "--steps_this_run", "10")
     second = _args(data_dir, tmp_path / "stopped", *common, "--resume_from_checkpoint")
