@@ -1,10 +1,10 @@
 """Ground floor: fp32 master weights for a model computed in bfloat16 (config item `param_dtype`).
 
 Under autocast, fp32 weights are cast to bfloat16 by every forward (one cast kernel per weight per step: on one
-H200 that made BERT-large's eager forward 1.8x slower than with bf16 weights, a host-bound forward), and their
-gradients come back in fp32 (twice the bytes to reduce and clip). With `param_dtype="bfloat16"` the model's own
-Parameter objects are cast in place, so that placement, the gradient all-reduce, clipping and tied weights work on
-them as they are, and the optimizer steps fp32 masters kept here: its param groups hold the masters once
+H200 the plain BERT-large's eager forward took 32.5 ms against 17.9 with bf16 weights, benchmarks/bf16_grads.py),
+and their gradients come back in fp32 (twice the bytes to reduce and clip). With `param_dtype="bfloat16"` the
+model's own Parameter objects are cast in place, so that placement, the gradient all-reduce, clipping and tied
+weights work on them as they are, and the optimizer steps fp32 masters kept here: its param groups hold the masters once
 deployed, a step copies the bf16 gradients into the masters' fp32 gradients before the user's step and the masters
 into the bf16 weights after it, and state dicts hold the masters (the values a single-process fp32 run saves).
 An optimizer with `steps_compute_copies = True` (bert.optim.Lamb) is given `compute_copies` = {master: bf16
