@@ -28,7 +28,6 @@ class MasterWeights:
     """The fp32 masters of every fp32 parameter of `params`, which are cast to `dtype` in place."""
 
     def __init__(self, params: Iterable[torch.Tensor], dtype: torch.dtype):
-        self.dtype = dtype
         self._master: dict[int, nn.Parameter] = {}
         with torch.no_grad():
             for p in {id(t): t for t in params}.values():

@@ -100,8 +100,9 @@ def measure_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, 
     """The optimizer step and clipping by the global norm (`torch.nn.utils.clip_grad_norm_`, which rannc's
     clipping matches per device) over stand-in parameters of `dtype`; an optimizer that cannot be copied
     that way is left out with a warning. With `master_weights` the optimizer steps fp32 masters of the
-    (bfloat16) stand-ins with the copies in and out around it, and the masters and their gradients count as
-    its state: every figure is per byte of the parameters the model computes with."""
+    (bfloat16) stand-ins with the copies in and out around it (or the optimizer's own, `steps_compute_copies`);
+    the masters count as its state, their gradients (made for the step only) as its temporary memory: every
+    figure is per byte of the parameters the model computes with."""
     if large_bytes is None:
         large_bytes = 256 * 2**20 if device.type == "cuda" else 16 * 2**20
     element = torch.empty((), dtype=dtype).element_size()

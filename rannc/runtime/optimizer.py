@@ -111,10 +111,11 @@ class OptimizerPatch:
         order = self._global_index()
         mine = {}
         for index, p in enumerate(order):
+            stepped = self._stepped(p)
             if self.placement.is_local(p) and self.placement.owner(p) == self.placement.rank and \
-                    self._stepped(p) in self.optimizer.state:
+                    stepped in self.optimizer.state:
                 mine[index] = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                               for k, v in self.optimizer.state[self._stepped(p)].items()}
+                               for k, v in self.optimizer.state[stepped].items()}
         state: dict[int, Any] = {}
         for part in rdist.all_gather_objects(mine):
             state.update(part)
