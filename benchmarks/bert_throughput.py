@@ -25,6 +25,7 @@ One-GPU comparison of issue-level targets:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import functools
 import gc
@@ -225,6 +226,8 @@ def main() -> None:
     p.add_argument("--partition_num", type=int, default=0)
     p.add_argument("--no_autocast", action="store_true")
     p.add_argument("--full_sequence_mlm", action="store_true", help="the seed's MLM head over every position")
+    p.add_argument("--no_dropout", action="store_true",
+                   help="both dropout probabilities 0: losses that depend on the weights alone, not on the masks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device for MFU (default 989 on CUDA, H100/H200 bf16; none on CPU)")
@@ -245,6 +248,8 @@ def main() -> None:
     if args.peak_tflops is None and device.type == "cuda":
         args.peak_tflops = 989.0
     config = BertConfig.from_json_file(args.config_file)
+    if args.no_dropout:
+        config = dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     with torch.device("meta"):
         n_params = count_parameters(BertForPreTrainingWithCriterion(config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

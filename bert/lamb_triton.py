@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "TensorTable", "grad_norm", "lamb_update", "layout_problem"]
+__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "TensorTable", "grad_norm", "lamb_update", "layout_problem",
+           "row_pointers"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -264,20 +265,28 @@ def _sum_squares_kernel(
     tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def layout_problem(rows: list[list[torch.Tensor]], dtypes: tuple[torch.dtype, ...]) -> str | None:
+def row_pointers(rows: list[list[torch.Tensor]]) -> list[tuple[int, ...]]:
+    """Each row's base addresses: one walk over the tensors, which the optimizer's step makes once and hands to
+    :meth:`TensorTable.moved_rows`, :func:`layout_problem` and :meth:`TensorTable.point_to`."""
+    return [tuple(t.data_ptr() for t in row) for row in rows]
+
+
+def layout_problem(rows: list[list[torch.Tensor]], dtypes: tuple[torch.dtype, ...],
+                   pointers: list[tuple[int, ...]] | None = None) -> str | None:
     """Why these tensors cannot go through the kernels, or None when they can.
 
     The kernels index each tensor as one dense run of elements of its row's dtype (``dtypes``) from a
     16-byte aligned base, so they need contiguous tensors: torch's default for parameters, grads and the
-    states the optimizer creates, which its allocator aligns far beyond 16 bytes.
+    states the optimizer creates, which its allocator aligns far beyond 16 bytes. ``pointers``: the rows'
+    :func:`row_pointers`, when the caller has them.
     """
-    for row, dtype in zip(rows, dtypes):
-        for t in row:
+    for i, (row, dtype) in enumerate(zip(rows, dtypes)):
+        for j, t in enumerate(row):
             if t.dtype != dtype:
                 return f"a grad or state is {t.dtype} where {dtype} was expected"
             if t.is_sparse or not t.is_contiguous():
                 return "a parameter, grad or state is sparse or not contiguous"
-            if t.data_ptr() % _ALIGNMENT:
+            if (pointers[i][j] if pointers is not None else t.data_ptr()) % _ALIGNMENT:
                 return f"a parameter, grad or state does not start on a {_ALIGNMENT}-byte boundary"
     return None
 
@@ -287,11 +296,13 @@ class TensorTable:
 
     ``rows`` are lists of tensors of the same sizes (parameters, grads, exp_avg, exp_avg_sq): their base
     addresses go into one int64 table, and every tensor is cut into ``chunk``-element chunks, each of which
-    is one program. The table stays valid while the tensors keep their addresses, which :meth:`holds`
-    checks cheaply, so an optimizer builds it once and reuses it every step.
+    is one program. The table stays valid while the tensors keep their addresses; an optimizer builds it once
+    and each step compares the rows' addresses with it (:meth:`moved_rows`), re-pointing it where only some
+    moved (grads set to None and created again each step).
     """
 
-    def __init__(self, rows: list[list[torch.Tensor]], chunk: int = CHUNK) -> None:
+    def __init__(self, rows: list[list[torch.Tensor]], chunk: int = CHUNK,
+                 pointers: list[tuple[int, ...]] | None = None) -> None:
         first = rows[0]
         self.device = first[0].device
         self.chunk = chunk
@@ -310,8 +321,8 @@ class TensorTable:
         self.chunk_first = self._to_device(chunk_first, torch.int32)
         self.chunk_count = self._to_device(counts, torch.int32)
         self.addresses = torch.empty(self.n_rows * self.n_tensors, dtype=torch.int64, device=self.device)
-        self.key: tuple = ()
-        self.point_to(rows)
+        self.pointers: list[tuple[int, ...]] = []
+        self.point_to(pointers if pointers is not None else row_pointers(rows))
         # Scratch reused every step: two sums per chunk, one ratio per tensor.
         self.partials = torch.empty(2 * max(self.n_chunks, 1), dtype=torch.float32, device=self.device)
         self.ratios = torch.empty(self.n_tensors, dtype=torch.float32, device=self.device)
@@ -325,21 +336,19 @@ class TensorTable:
             return x.to(self.device)
         return x.pin_memory().to(self.device, non_blocking=True)
 
-    def point_to(self, rows: list[list[torch.Tensor]]) -> None:
-        """Point the table at these tensors, of the sizes it was built for (see :meth:`fits`): grads set to None
-        and created again each step move while the layout stays; only the addresses are copied, queued behind
-        the work already issued, so no kernel still reading the old ones sees the new ones."""
-        addresses = torch.tensor([t.data_ptr() for row in rows for t in row], dtype=torch.int64)
+    def point_to(self, pointers: list[tuple[int, ...]]) -> None:
+        """Point the table at tensors with these base addresses (:func:`row_pointers` of rows of the sizes it was
+        built for, see :meth:`fits`): only the addresses are copied, queued behind the work already issued, so
+        no kernel still reading the old ones sees the new ones."""
+        addresses = torch.tensor([a for row in pointers for a in row], dtype=torch.int64)
         self.addresses.copy_(self._to_device(addresses, torch.int64))
-        self.key = self._key(rows)
+        self.pointers = pointers
 
-    @staticmethod
-    def _key(rows: list[list[torch.Tensor]]) -> tuple:
-        return tuple(t.data_ptr() for row in rows for t in row) + tuple(t.numel() for t in rows[0])
-
-    def holds(self, rows: list[list[torch.Tensor]]) -> bool:
-        """Whether the table still describes these tensors (same order, addresses and sizes)."""
-        return self._key(rows) == self.key
+    def moved_rows(self, pointers: list[tuple[int, ...]]) -> list[int]:
+        """The rows whose tensors are not those the table points to (all of them when the shape differs)."""
+        if len(pointers) != self.n_rows:
+            return list(range(len(pointers)))
+        return [i for i, (now, then) in enumerate(zip(pointers, self.pointers)) if now != then]
 
     def fits(self, rows: list[list[torch.Tensor]]) -> bool:
         """Whether these tensors have the layout the table was built for (same rows, counts and sizes), so that

@@ -138,16 +138,17 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        params_per_group = [[p for p in group["params"] if self._grad(p) is not None] for group in self.param_groups]
-        clip_divisor = self._clip_divisor([p for params in params_per_group for p in params])
+        # each parameter's gradient looked up once per step (a master's is its compute copy's)
+        grads_per_group = [[(p, g) for p in group["params"] if (g := self._grad(p)) is not None]
+                           for group in self.param_groups]
+        clip_divisor = self._clip_divisor([g for pairs in grads_per_group for _, g in pairs])
 
-        for index, (group, params) in enumerate(zip(self.param_groups, params_per_group)):
+        for index, (group, pairs) in enumerate(zip(self.param_groups, grads_per_group)):
             # Every group counts the step, as apex does, so group 0's counter is the optimizer's.
             group["step"] = group.get("step", 0) + 1
-            for (device, dtype, grad_dtype, copy_dtype), bucket in self._buckets(params).items():
+            for (device, dtype, grad_dtype, copy_dtype), (bucket, grads) in self._buckets(pairs).items():
                 divisor = None if clip_divisor is None else clip_divisor.to(device)
                 exp_avgs, exp_avg_sqs = self._states(bucket)
-                grads = [self._grad(p) for p in bucket]
                 copies = [self.compute_copies[p] for p in bucket] if copy_dtype is not None else []
                 rows = [bucket, grads, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
                 dtypes = (dtype, grad_dtype, _compute_dtype(dtype), _compute_dtype(dtype)) + (
@@ -166,13 +167,17 @@ class Lamb(torch.optim.Optimizer):
         copy = self.compute_copies.get(p)
         return None if copy is None else copy.grad
 
-    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
-        """Parameters by (device, dtype, grad dtype, compute copy's dtype or None): one bucket per kernel."""
-        buckets: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            copy = self.compute_copies.get(p) if self.compute_copies else None
-            key = (p.device, p.dtype, self._grad(p).dtype, None if copy is None else copy.dtype)
-            buckets.setdefault(key, []).append(p)
+    def _buckets(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple, tuple[list, list]]:
+        """(parameters, their grads) by (device, dtype, grad dtype, compute copy's dtype or None): one bucket
+        per kernel."""
+        buckets: dict[tuple, tuple[list, list]] = {}
+        copies = self.compute_copies
+        for p, g in pairs:
+            copy = copies.get(p) if copies else None
+            params, grads = buckets.setdefault((p.device, p.dtype, g.dtype, None if copy is None else copy.dtype),
+                                               ([], []))
+            params.append(p)
+            grads.append(g)
         return buckets
 
     def _fused_table(self, key: tuple, rows: list[list[torch.Tensor]], dtypes: tuple) -> lamb_triton.TensorTable | None:
@@ -184,38 +189,47 @@ class Lamb(torch.optim.Optimizer):
         if self.fused is False:
             return None
         problem = _fused_support_problem(rows[0][0].device, dtypes[0])
-        table = self._fused_tables.get(key)
         if problem is None:
-            if table is not None and table.holds(rows):
+            table = self._fused_tables.get(key)
+            try:
+                pointers = lamb_triton.row_pointers(rows)
+            except RuntimeError:   # a tensor without storage (a sparse grad): layout_problem names it
+                pointers = None
+                problem = lamb_triton.layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
+        if problem is None:
+            moved = list(range(len(rows))) if table is None else table.moved_rows(pointers)
+            if not moved:
                 return table
-            problem = lamb_triton.layout_problem(rows, dtypes)
+            # only what moved can have another layout: each step, the grads (zero_grad(set_to_none=True))
+            problem = lamb_triton.layout_problem([rows[i] for i in moved], tuple(dtypes[i] for i in moved),
+                                                 [pointers[i] for i in moved])
         if problem is None:
-            if table is not None and table.fits(rows):
-                table.point_to(rows)     # new grads (zero_grad(set_to_none=True)), same layout
+            if table is not None and (0 not in moved or table.fits(rows)):
+                table.point_to(pointers)
             else:
-                table = lamb_triton.TensorTable(rows)
+                table = lamb_triton.TensorTable(rows, pointers=pointers)
                 self._fused_tables[key] = table
             return table
         if self.fused:
             raise RuntimeError(f"Lamb(fused=True) cannot step these parameters: {problem}")
         return None
 
-    def _clip_divisor(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """Return max(1, ‖g‖/max_grad_norm) over all grads as a tensor, or None when clipping is off.
+    def _clip_divisor(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """Return max(1, ‖g‖/max_grad_norm) over all these grads as a tensor, or None when clipping is off.
 
         Kept on the device so that clipping needs no host sync; grads are divided by it inside the update.
         """
-        if not self.max_grad_norm or not params:
+        if not self.max_grad_norm or not grads:
             return None
-        norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        first_device = params[0].device
+        norm_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        first_device = grads[0].device
         norms = []
-        for (device, dtype), grads in _by_device_and_dtype([self._grad(p) for p in params]).items():
-            table = self._fused_table(("grads", device, dtype), [grads], (dtype,))
+        for (device, dtype), bucket in _by_device_and_dtype(grads).items():
+            table = self._fused_table(("grads", device, dtype), [bucket], (dtype,))
             if table is not None:
                 bucket_norms = lamb_triton.grad_norm(table, dtype)
             else:
-                bucket_norms = torch.stack(torch._foreach_norm(grads, dtype=_compute_dtype(dtype)))
+                bucket_norms = torch.stack(torch._foreach_norm(bucket, dtype=_compute_dtype(dtype)))
             norms.append(bucket_norms.to(device=first_device, dtype=norm_dtype))
         global_norm = torch.linalg.vector_norm(torch.cat(norms))
         ratio = global_norm / self.max_grad_norm

@@ -61,9 +61,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=42, help="model init (all ranks), data order; dropout uses seed + rank")
     add("--bf16", action="store_true", help="bfloat16 autocast")
     add("--fp16", action="store_true", help="float16 autocast with dynamic loss scaling")
-    add("--bf16_weights", action="store_true",
-        help="with --bf16: the model computes with bfloat16 weights, LAMB steps fp32 masters (rannc's "
-             "param_dtype); checkpoints hold the masters")
+    add("--bf16_weights", action=argparse.BooleanOptionalAction, default=None,
+        help="the model computes with bfloat16 weights, LAMB steps fp32 masters (rannc's param_dtype); "
+             "checkpoints hold the masters. On by default with --bf16 (--no-bf16_weights: fp32 weights, cast "
+             "by autocast at every use)")
     add("--init_loss_scale", type=float, default=2.0**20, help="first loss scale of --fp16")
     add("--log_freq", type=int, default=1, help="optimizer steps between dllogger records")
     add("--num_steps_per_checkpoint", type=int, default=100, help="optimizer steps between checkpoints")
@@ -91,6 +92,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("choose one of --bf16 and --fp16")
     if args.bf16_weights and not args.bf16:
         parser.error("--bf16_weights needs --bf16 (bfloat16 autocast around the model)")
+    if args.bf16_weights is None:
+        args.bf16_weights = args.bf16
     k = args.gradient_accumulation_steps
     if k < 1 or args.train_batch_size % k != 0:
         parser.error(f"--train_batch_size ({args.train_batch_size}) must be a multiple of "

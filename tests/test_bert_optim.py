@@ -280,6 +280,14 @@ for fused in (None, False):
     assert bool(optimizer._fused_tables) == (fused is None)
     # the tables were re-pointed at the new grads, not built again
     assert all(optimizer._fused_tables[k] is t for k, t in first_tables.items())
+    # a parameter without a grad (its group's table is built anew, then again with it back), then a grad that
+    # is not contiguous (its bucket takes the foreach path)
+    for step, (missing, transposed) in enumerate([(1, False), (None, False), (None, True)]):
+        for i, p in enumerate(params):
+            p.grad = None if i == missing else 3.0 * torch.randn(p.shape, generator=gen)
+        if transposed:
+            params[2].grad = params[2].grad.t().contiguous().t()
+        optimizer.step()
     runs.append(params)
 for p, q in zip(*runs):
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

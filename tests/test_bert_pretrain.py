@@ -88,8 +88,9 @@ def test_full_sequence_mlm_head_gives_the_default_heads_losses(data_dir, tmp_pat
     torch.testing.assert_close(torch.tensor(masked["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=0)
 
 
-# one process with bf16 weights (the direct path of world size 1 with fp32 masters), data parallel, 2 stages
-@pytest.mark.parametrize("world,stages,precision", [(1, 1, ("--bf16", "--bf16_weights")), (2, 1, ()), (2, 2, ())])
+# one process with bf16 weights (--bf16's default: the direct path of world size 1 with fp32 masters), data
+# parallel, 2 stages
+@pytest.mark.parametrize("world,stages,precision", [(1, 1, ("--bf16",)), (2, 1, ()), (2, 2, ())])
 def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path, world, stages, precision):
     """Dropout on, accumulation 2: 20 steps straight, against 10 steps (--steps_this_run, checkpoint) and a resumed
     run for steps 11-20, bitwise, in one process (bf16 weights, fp32 masters), data-parallel on 2 and 2 stages on
@@ -129,6 +130,16 @@ def _crash_on_fifth_save(rank: int, world: int, argv: list[str]) -> None:
 
     torch.save = flaky_save
     pretrain.main(argv)
+
+
+def test_bf16_autocast_computes_with_bf16_weights_unless_told_otherwise():
+    from bert.pretrain import parse_arguments
+
+    assert parse_arguments(["--bf16"]).bf16_weights
+    assert not parse_arguments(["--bf16", "--no-bf16_weights"]).bf16_weights
+    assert not parse_arguments([]).bf16_weights and not parse_arguments(["--fp16"]).bf16_weights
+    with pytest.raises(SystemExit):
+        parse_arguments(["--bf16_weights"])   # bf16 weights without bf16 autocast
 
 
 def test_crash_while_writing_checkpoint_keeps_previous_ones(data_dir, tmp_path):

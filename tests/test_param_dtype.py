@@ -188,3 +188,72 @@ def test_param_dtype_needs_the_optimizer_and_a_failed_first_call_restores_fp32()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             wrapped(*models.global_batch("mlp", BATCH, 0))
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+
+
+CURVE_STEPS = 100
+CURVE_CONFIG = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 64, "max_position_embeddings": 32, "type_vocab_size": 2}
+
+
+def _copy_task(step: int, batch: int = 16, seq: int = 16, preds: int = 4):
+    """BERT's inputs for a task a tiny model learns within a few hundred steps: name the token shown at each
+    scored position."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(5, CURVE_CONFIG["vocab_size"], (batch, seq), generator=g)
+    positions = torch.stack([torch.randperm(seq - 1, generator=g)[:preds] + 1 for _ in range(batch)]).sort(1).values
+    segments = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
+    return (ids, segments, torch.ones(batch, seq, dtype=torch.long), positions, ids.gather(1, positions),
+            torch.randint(0, 2, (batch,), generator=g))
+
+
+def _curves(rank, world):
+    """The BERT application's training (LAMB, clipping, bf16 autocast, dropout on) of a tiny BERT: under rannc
+    with fp32 weights and with bf16 weights and fp32 masters, on the same dropout seed; and the plain model with
+    fp32 weights on two other dropout seeds (the noise a curve has anyway)."""
+    import rannc
+    from bert.modeling import BertConfig, BertForPreTrainingWithCriterion
+    from bert.optim import Lamb, bert_param_groups
+
+    curves = {}
+    for name, items, seed in [("fp32", {}, 0), ("bf16", {"param_dtype": "bfloat16"}, 0), ("fp32 seed 1", None, 1),
+                              ("fp32 seed 2", None, 2)]:
+        torch.manual_seed(0)
+        model = BertForPreTrainingWithCriterion(BertConfig(**CURVE_CONFIG))
+        optimizer = Lamb(bert_param_groups(model), lr=2e-2, max_grad_norm=0)
+        wrapped = model if items is None else rannc.RaNNCModule(model, optimizer, profile_repeats=1, **items)
+        torch.manual_seed(seed)
+        curve = []
+        for step in range(CURVE_STEPS):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = wrapped(*_copy_task(step))
+            loss.backward()
+            if items is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            else:
+                wrapped.clip_grad_norm(1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append(loss.item())
+        curves[name] = curve
+        if items is not None:
+            wrapped.undeploy()
+    return curves
+
+
+def _distance(a: list[float], b: list[float], window: int = 15) -> float:
+    """Mean absolute difference of two curves' moving averages."""
+    def smooth(xs):
+        return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+    return sum(abs(x - y) for x, y in zip(smooth(a), smooth(b))) / len(a)
+
+
+def test_bf16_weights_train_within_the_noise_of_fp32_weights():
+    """What the BERT application's default (bf16 weights under --bf16) rests on: over the hundred steps in which
+    the tiny model learns its task, the bf16-weight curve stays as close to the fp32 one as fp32 curves with
+    other dropout masks are."""
+    (curves,) = run_ranks(_curves, 1, timeout=300)
+    start, tail = curves["fp32"][0], sum(curves["fp32"][-20:]) / 20
+    assert tail < 0.5 * start, f"the task was not learnt ({start:.3f} -> {tail:.3f}): the comparison says nothing"
+    noise = max(_distance(curves["fp32"], curves[k]) for k in ("fp32 seed 1", "fp32 seed 2"))
+    bf16 = _distance(curves["fp32"], curves["bf16"])
+    assert bf16 <= 1.5 * noise, f"bf16 weights' curve {bf16:.4f} from fp32's, fp32 seeds {noise:.4f} apart"
