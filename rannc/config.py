@@ -145,6 +145,11 @@ class RannConfig:
     compile_mode: str = dataclasses.field(
         default="default", metadata={"help": "torch.compile's mode for compiled stages: default, reduce-overhead "
                                              "(CUDA graphs), max-autotune or max-autotune-no-cudagraphs"})
+    compile_regions: bool = dataclasses.field(
+        default=True, metadata={"help": "with compile: whole repeated layers of a stage (four or more of one code) "
+                                        "compile once, as shared regions (torch.compiler.nested_compile_region), "
+                                        "so that compile time does not grow with the layer count; False "
+                                        "compiles every layer inline"})
     max_blocks: int = dataclasses.field(
         default=128, metadata={"help": "at most this many blocks are planned over (coarsening target)"})
     profile_cache_dir: str = dataclasses.field(

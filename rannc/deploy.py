@@ -189,7 +189,8 @@ class ProfileJob:
             cached = None
             if rdist.get_rank() == 0:
                 path = profile_cache_path(self.captured, self.blocks, self.sizes, self.device,
-                                          _autocast_dtype(self.device), config.compile, config.profile_cache_dir)
+                                          _autocast_dtype(self.device), config.compile, config.profile_cache_dir,
+                                          config.compile_regions)
                 cached = path is not None and path.is_file()
             self.alongside = not rdist.broadcast_object(cached)
 
@@ -205,7 +206,8 @@ class ProfileJob:
         return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
-                                 update=update, compile_blocks=config.compile)
+                                 update=update, compile_blocks=config.compile,
+                                 compile_regions=config.compile_regions)
 
 
 def _make_plan(job: ProfileJob) -> Deployment:
@@ -260,7 +262,8 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
     pieces = deployment.pieces_of_rank(rank)
     if pieces:
         runtime = StageRuntime([Piece(stages[c], deployment.stages[c].recompute,
-                                      CompiledModule(stages[c].module, f"stage {c}", mode=config.compile_mode)
+                                      CompiledModule(stages[c].module, f"stage {c}", mode=config.compile_mode,
+                                                     regions=config.compile_regions)
                                       if config.compile else None)
                                 for c in pieces],
                                captured.batched_inputs, device, forward_group=forward_group,

@@ -7,7 +7,9 @@ micro-batch size, the other sizes, evaluation, a recomputing stage. A compilatio
 run before means torch.compile's guards failed in the steady state, which costs seconds on every step:
 it is logged as a warning and counted in `recompiles`, which the tests check stays 0.
 
-The profiler times runs of blocks with the same wrapper, so that the planner prices what runs.
+Whole repeated layers of the module are shared compile regions (rannc.graph.regions), so that a stage of
+many layers compiles one of each kind. The profiler times runs of blocks with the same wrapper, so that the
+planner prices what runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import torch
 
 from rannc.graph import dropout
+from rannc.graph.regions import Regions, with_regions
 
 logger = logging.getLogger("rannc.compile")
 
@@ -26,15 +29,24 @@ class CompiledModule:
     """Calls `module` through torch.compile (inductor), counting compilations and steady-state
     recompilations. `name` says which module in the log ("stage 1", "blocks 0-9"). The first shapes compile
     statically, and a change of shapes recompiles once with dynamic ones (torch.compile's default). `mode` as
-    torch.compile's (its inductor options: "reduce-overhead" replays CUDA graphs)."""
+    torch.compile's (its inductor options: "reduce-overhead" replays CUDA graphs). `regions`: whole repeated
+    layers of an fx module compile once (rannc.graph.regions)."""
 
-    def __init__(self, module: torch.nn.Module, name: str, mode: str = "default"):
+    def __init__(self, module: torch.nn.Module, name: str, mode: str = "default", regions: bool = True):
         self.module = module
         self.name = name
         self.compiles = 0        # graphs compiled so far (more than one per situation with graph breaks)
         self.recompiles = 0      # compilations in a situation that had run before
+        self.region_calls = 0    # calls of shared layer code in the graphs compiled, and the distinct codes
+        self.region_codes = 0
         self._seen: set[tuple] = set()
         self._options = _mode_options(mode)
+        self.regions = Regions(0, 0)
+        if regions and isinstance(module, torch.fx.GraphModule):
+            module, self.regions = with_regions(module)
+            if self.regions.calls:
+                logger.info("rannc: %s compiles %d layers as %d shared region(s)", name, self.regions.calls,
+                            self.regions.functions)
         self._compiled = torch.compile(module, backend=self._backend)
         self._at_limit = _fail_at_recompile_limit()   # made once: a reusable context, off the hot path
 
@@ -42,6 +54,9 @@ class CompiledModule:
         from torch._inductor.compile_fx import compile_fx  # inductor loads only when something compiles
 
         self.compiles += 1
+        calls = [n for n in graph_module.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        self.region_calls += len(calls)
+        self.region_codes += len({n.args[0].target for n in calls})
         return compile_fx(graph_module, example_inputs, config_patches=self._options)
 
     def __call__(self, *args):
