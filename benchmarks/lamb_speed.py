@@ -204,8 +204,8 @@ class _Call:
 def clip_norm_only(groups) -> _Call:
     """The fused path's global gradient norm and clip divisor, alone."""
     optimizer = Lamb(groups, lr=1e-3, max_grad_norm=1.0)
-    params = [p for group in groups for p in group["params"]]
-    return _Call(lambda: optimizer._clip_divisor(params), optimizer)
+    grads = [p.grad for group in groups for p in group["params"] if p.grad is not None]
+    return _Call(lambda: optimizer._clip_divisor(grads), optimizer)
 
 
 def no_trust_ratio(groups) -> Lamb:

@@ -115,7 +115,7 @@ class Lamb(torch.optim.Optimizer):
         # Global across groups, like apex (which reads it from self.defaults), since the norm is global.
         self.max_grad_norm = max_grad_norm or 0.0
         self.fused = fused
-        # Address tables of the fused kernels, re-pointed when a tensor moves (see TensorTable.holds).
+        # Address tables of the fused kernels, re-pointed when a tensor moves (see TensorTable.moved_rows).
         self._fused_tables: dict = {}
         self.compute_copies: dict[torch.Tensor, torch.Tensor] = {}
         if fused:
@@ -198,13 +198,15 @@ class Lamb(torch.optim.Optimizer):
                 problem = lamb_triton.layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
         if problem is None:
             moved = list(range(len(rows))) if table is None else table.moved_rows(pointers)
-            if not moved:
+            # the sizes too: a grads-only table's first row is new tensors each step, and an address the
+            # allocator hands out again may hold another parameter's grad of another size
+            if not moved and table.fits(rows):
                 return table
             # only what moved can have another layout: each step, the grads (zero_grad(set_to_none=True))
             problem = lamb_triton.layout_problem([rows[i] for i in moved], tuple(dtypes[i] for i in moved),
                                                  [pointers[i] for i in moved])
         if problem is None:
-            if table is not None and (0 not in moved or table.fits(rows)):
+            if table is not None and table.fits(rows):
                 table.point_to(pointers)
             else:
                 table = lamb_triton.TensorTable(rows, pointers=pointers)

@@ -390,6 +390,14 @@ def main(argv: list[str] | None = None) -> dict:
     if checkpoint_path is not None:
         checkpoint_path, checkpoint = load_checkpoint(checkpoint_path, args, rank)
     new_phase = checkpoint is not None and (bool(args.init_checkpoint) or (args.phase2 and not checkpoint["phase2"]))
+    if checkpoint is not None and not new_phase and rank == 0:
+        saved = bool(checkpoint.get("args", {}).get("bf16_weights", False))   # runs before --bf16 implied it
+        if saved != args.bf16_weights:
+            kinds = {True: "bf16 weights", False: "fp32 weights"}
+            print(f"warning: {checkpoint_path} was trained with {kinds[saved]}, and this run computes with "
+                  f"{kinds[args.bf16_weights]}: its fp32 masters carry over, but the run will not match an "
+                  f"uninterrupted one; pass {'--bf16_weights' if saved else '--no-bf16_weights'} to keep its "
+                  f"choice", flush=True)
 
     rannc_options = {} if args.partition_num is None else {"partition_num": args.partition_num}
     if args.bf16_weights:

@@ -38,7 +38,7 @@ class CompiledModule:
         self.compiles = 0        # graphs compiled so far (more than one per situation with graph breaks)
         self.recompiles = 0      # compilations in a situation that had run before
         self.region_calls = 0    # calls of shared layer code in the graphs compiled, and the distinct codes
-        self.region_codes = 0
+        self.region_codes = 0    # they call (summed over the graphs)
         self._seen: set[tuple] = set()
         self._options = _mode_options(mode)
         self.regions = Regions(0, 0)

@@ -6,18 +6,21 @@ the layer count. The captured graph remembers which module each operation came f
 the layers of a `ModuleList` (`model.encoder.layers.3`) are spans of the graph with the same operations on
 other parameters. Here each whole layer of the stage becomes a call of a function of (its parameters, its
 inputs), one function per distinct layer code, marked with `torch.compiler.nested_compile_region`: torch.compile
-traces and compiles it at its first call and stamps the compiled code out at every other one. Outside
-torch.compile the mark does nothing, and the operations are the stage's own, in its order.
+traces and compiles it at its first call and stamps the compiled code out at every other one with inputs of the
+same shapes and dtypes. Outside torch.compile the mark does nothing: the operations are the stage's own, a
+layer's run where its last operation stood (only operations free to move may sit between a layer's own).
 
-A layer is left inline (and compiled with the rest) where its span holds an operation of another module that
-reads it, an in-place operation or a statistics update (a region's inputs are not written), where it has fewer
-than MIN_OPERATIONS operations, or where the stage holds fewer than MIN_LAYERS whole layers of its code.
+A layer is left inline (and compiled with the rest) where an operation of no layer between its own reads it,
+writes anything or draws random numbers; where it writes a value it did not make (an input, a parameter, a view
+that may be one, a statistics buffer); where it has fewer than MIN_OPERATIONS operations; or where the stage holds
+fewer than MIN_LAYERS whole layers of its code.
 """
 
 from __future__ import annotations
 
 import operator
 import re
+import types
 from dataclasses import dataclass
 
 import torch
@@ -78,16 +81,42 @@ def _spans(graph: fx.Graph) -> list[list[fx.Node]]:
     return [span for index, span in spans.items() if index not in broken]
 
 
-def _writes_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
-    """Whether the node writes a value from outside the span (an in-place operation on an input or parameter, a
-    statistics update): a region's inputs must not be written, while its own values may be."""
+def _written(node: fx.Node) -> list:
+    """The arguments the operation writes (its schema's mutable ones); a statistics update writes buffers."""
     if node.target in (switches.batch_norm, switches.count_batch):
+        return [None]   # its buffers: never a span's own values
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            written.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+    return written
+
+
+def _is_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _writes_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether the node writes a value that is not the span's own (an input or parameter, a view that may be
+    one, a buffer): a region's inputs must not be written, while values it made itself may be."""
+    return any(not (isinstance(t, fx.Node) and t in inside and not _is_view(t)) for t in _written(node))
+
+
+def _quiet(node: fx.Node) -> bool:
+    """Whether moving the node before or after a span cannot change anything: an operation that writes nothing
+    and draws no random numbers (rannc's mode switches, dropout among them, are not)."""
+    if node.op != "call_function":
         return True
-    packet = getattr(node.target, "overloadpacket", None)
-    name = getattr(packet, "__name__", "")
-    if not (name.endswith("_") and not name.startswith("_")):
+    if node.target is operator.getitem:
+        return True
+    tags = getattr(node.target, "tags", None)
+    if tags is None:
         return False
-    return not (node.args and isinstance(node.args[0], fx.Node) and node.args[0] in inside)
+    return not _written(node) and torch.Tag.nondeterministic_seeded not in tags
 
 
 def _region_graph(span: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]] | None:
@@ -120,14 +149,20 @@ def _region_graph(span: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], l
     return fx.GraphModule(torch.nn.Module(), graph, class_name="Layer"), inputs, outputs
 
 
-def _shared(module: fx.GraphModule):
-    """One function per distinct layer code: what nested_compile_region compiles once. The marked function is
-    called from one of this module, which the stage's generated code can name (fx writes a callable from torch
-    by its import path, and the mark's wrapper claims one that does not exist)."""
+def _shared(module: fx.GraphModule, index: int):
+    """The function of one layer code, marked for nested_compile_region. torch.compile keys the traces it reuses
+    by the marked function's code object, so each layer code gets a code object of its own (a closure of one
+    `def` would share it, and a second code with inputs of the same shapes would run the first one's trace).
+    The marked function is called from a function of this module, which the stage's generated code can name
+    (fx names a callable from torch by its import path, and the mark's wrapper claims one that does not exist)."""
     def region(*args):
         return module(*args)
 
-    marked = torch.compiler.nested_compile_region(region)
+    name = f"rannc_layer_code_{index}"
+    code = region.__code__.replace(co_name=name, **({"co_qualname": name} if hasattr(region.__code__, "co_qualname")
+                                                    else {}))
+    distinct = types.FunctionType(code, region.__globals__, name, None, region.__closure__)
+    marked = torch.compiler.nested_compile_region(distinct)
 
     def layer(*args):
         return marked(*args)
@@ -146,21 +181,22 @@ def with_regions(module: fx.GraphModule) -> tuple[fx.GraphModule, Regions]:
     nodes = list(module.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
 
-    def foreign_reads_it(span: list[fx.Node]) -> bool:
-        """Whether an operation between the span's nodes, of no layer, reads one of them: the call stands where
-        the span's last node stood, after that operation."""
+    def interleaved(span: list[fx.Node]) -> bool:
+        """Whether an operation between the span's nodes, of no layer, reads one of them or is not free to move:
+        the call stands where the span's last node stood, so the span's operations run after it."""
         inside = set(span)
-        between = nodes[position[span[0]]:position[span[-1]]]
-        return any(n not in inside and any(a in inside for a in n.all_input_nodes) for n in between)
+        between = [n for n in nodes[position[span[0]]:position[span[-1]]] if n not in inside]
+        return any(any(a in inside for a in n.all_input_nodes) or not _quiet(n) for n in between)
 
-    candidates = [c for c in candidates if not foreign_reads_it(c[0])]
+    candidates = [c for c in candidates if not interleaved(c[0])]
     by_code: dict[str, list] = {}
     for candidate in candidates:
         by_code.setdefault(candidate[1].code, []).append(candidate)
     chosen = [c for group in by_code.values() if len(group) >= MIN_LAYERS for c in group]
     if not chosen:
         return module, Regions(0, 0)
-    functions = {code: _shared(group[0][1]) for code, group in by_code.items() if len(group) >= MIN_LAYERS}
+    functions = {code: _shared(group[0][1], k) for k, (code, group) in enumerate(by_code.items())
+                 if len(group) >= MIN_LAYERS}
     end_of = {c[0][-1]: c for c in chosen}
     skipped = {n for c in chosen for n in c[0]}
 
