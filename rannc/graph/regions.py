@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from rannc.graph import dropout as switches
+from rannc.graph.capture import mutated_args
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 # Fewer or smaller layers compile faster inline: on the CPU a region's machinery cost about as much as three
@@ -85,14 +86,7 @@ def _written(node: fx.Node) -> list:
     """The arguments the operation writes (its schema's mutable ones); a statistics update writes buffers."""
     if node.target in (switches.batch_norm, switches.count_batch):
         return [None]   # its buffers: never a span's own values
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return []
-    written = []
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            written.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
-    return written
+    return mutated_args(node)
 
 
 def _is_view(node: fx.Node) -> bool:
