@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,11 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.clip_speed import median_ms  # noqa: E402
 from bert import lamb_triton  # noqa: E402
 from bert.modeling import BertConfig, BertForPreTrainingWithCriterion  # noqa: E402
 from bert.optim import Lamb  # noqa: E402
 
 # (chunk, block, warps); the first is bert.lamb_triton's default
+REPEATS = 5
 KERNEL_SETTINGS = [(65536, 2048, 8), (65536, 4096, 8), (65536, 1024, 4), (262144, 2048, 8), (65536, 4096, 16),
                    (16384, 1024, 4)]
 
@@ -36,17 +37,6 @@ KERNEL_SETTINGS = [(65536, 2048, 8), (65536, 4096, 8), (65536, 1024, 4), (262144
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def median_ms(fn, device: torch.device, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return round(statistics.median(times[2:]), 2)
 
 
 def host_ms(fn, device: torch.device) -> float:
@@ -70,12 +60,12 @@ def clipping(shapes, device: torch.device, dtype: torch.dtype) -> dict:
     grads = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
     coef = torch.tensor(0.5, device=device, dtype=dtype)
     row = {"grads_gb": round(sum(g.numel() for g in grads) * grads[0].element_size() / 1e9, 2),
-           "foreach_norm_ms": median_ms(lambda: torch.linalg.vector_norm(
-               torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))), device),
-           "foreach_scale_ms": median_ms(lambda: torch._foreach_mul_(grads, coef), device)}
+           "foreach_norm_ms": round(median_ms(lambda: torch.linalg.vector_norm(
+               torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))), device, REPEATS), 2),
+           "foreach_scale_ms": round(median_ms(lambda: torch._foreach_mul_(grads, coef), device, REPEATS), 2)}
     if device.type == "cuda":
         table = lamb_triton.TensorTable([grads])
-        row["triton_norm_ms"] = median_ms(lambda: lamb_triton.grad_norm(table, dtype), device)
+        row["triton_norm_ms"] = round(median_ms(lambda: lamb_triton.grad_norm(table, dtype), device, REPEATS), 2)
     return row
 
 
@@ -102,7 +92,8 @@ def lamb(shapes, device: torch.device, copy_dtype: torch.dtype | None, settings)
             optimizer.compute_copies = copies
             optimizer.step()   # states, tables, the kernels' compilation
             rows[f"chunk {chunk}, block {block}, warps {warps}"] = {
-                "step_ms": median_ms(optimizer.step, device), "host_ms": host_ms(optimizer.step, device)}
+                "step_ms": round(median_ms(optimizer.step, device, REPEATS), 2),
+                "host_ms": host_ms(optimizer.step, device)}
             del optimizer
             free(device)
     finally:

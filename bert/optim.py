@@ -190,28 +190,27 @@ class Lamb(torch.optim.Optimizer):
             return None
         problem = _fused_support_problem(rows[0][0].device, dtypes[0])
         if problem is None:
-            table = self._fused_tables.get(key)
             try:
                 pointers = lamb_triton.row_pointers(rows)
             except RuntimeError:   # a tensor without storage (a sparse grad): layout_problem names it
-                pointers = None
                 problem = lamb_triton.layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
         if problem is None:
-            moved = list(range(len(rows))) if table is None else table.moved_rows(pointers)
-            # the sizes too: a grads-only table's first row is new tensors each step, and an address the
-            # allocator hands out again may hold another parameter's grad of another size
-            if not moved and table.fits(rows):
-                return table
+            table = self._fused_tables.get(key)
+            # sizes as well as addresses: a grads-only table's first row is new tensors each step, and an address
+            # the allocator hands out again may hold another parameter's grad of another size
+            fits = table is not None and table.fits(rows)
             # only what moved can have another layout: each step, the grads (zero_grad(set_to_none=True))
+            moved = table.moved_rows(pointers) if fits else list(range(len(rows)))
+            if not moved:
+                return table
             problem = lamb_triton.layout_problem([rows[i] for i in moved], tuple(dtypes[i] for i in moved),
                                                  [pointers[i] for i in moved])
-        if problem is None:
-            if table is not None and table.fits(rows):
-                table.point_to(pointers)
-            else:
-                table = lamb_triton.TensorTable(rows, pointers=pointers)
-                self._fused_tables[key] = table
-            return table
+            if problem is None:
+                if fits:
+                    table.point_to(pointers)
+                else:
+                    table = self._fused_tables[key] = lamb_triton.TensorTable(rows, pointers=pointers)
+                return table
         if self.fused:
             raise RuntimeError(f"Lamb(fused=True) cannot step these parameters: {problem}")
         return None

@@ -399,16 +399,14 @@ def main(argv: list[str] | None = None) -> dict:
                   f"uninterrupted one; pass {'--bf16_weights' if saved else '--no-bf16_weights'} to keep its "
                   f"choice", flush=True)
 
-    rannc_options = {} if args.partition_num is None else {"partition_num": args.partition_num}
-    if args.bf16_weights:
-        rannc_options["param_dtype"] = "bfloat16"
+    precision = {"param_dtype": "bfloat16"} if args.bf16_weights else {}
+    rannc_options = {**({} if args.partition_num is None else {"partition_num": args.partition_num}), **precision}
     deployment_file = None
     if checkpoint is not None and not new_phase:
         call_batch = (args.train_batch_size // k) * world_size
         deployment_file = resumed_deployment(checkpoint, args, rank, world_size, call_batch)
     if deployment_file is not None:
-        rannc_options = {"load_deployment": str(deployment_file),
-                         **({"param_dtype": "bfloat16"} if args.bf16_weights else {})}
+        rannc_options = {"load_deployment": str(deployment_file), **precision}
     model = rannc.RaNNCModule(model, optimizer, **rannc_options)
     rannc.delay_grad_allreduce(args.allreduce_post_accumulation)
     if args.no_dropout:

@@ -22,6 +22,7 @@ import operator
 import re
 import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -113,7 +114,14 @@ def _quiet(node: fx.Node) -> bool:
     return not _written(node) and torch.Tag.nondeterministic_seeded not in tags
 
 
-def _region_graph(span: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]] | None:
+class _Layer(NamedTuple):
+    span: list[fx.Node]          # the layer's operations in the stage, in order
+    module: fx.GraphModule       # the same as a module of `inputs` returning `outputs`
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+
+
+def _region_graph(span: list[fx.Node]) -> _Layer | None:
     """The span as a module of its inputs (parameters and buffers included) returning its values used later;
     None where it cannot be one."""
     inside = set(span)
@@ -140,7 +148,7 @@ def _region_graph(span: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], l
     for node in graph.nodes:   # the code must not depend on where the layer sits in the model
         node.meta.pop("nn_module_stack", None)
         node.meta.pop("stack_trace", None)
-    return fx.GraphModule(torch.nn.Module(), graph, class_name="Layer"), inputs, outputs
+    return _Layer(span, fx.GraphModule(torch.nn.Module(), graph, class_name="Layer"), inputs, outputs)
 
 
 def _shared(module: fx.GraphModule, index: int):
@@ -167,32 +175,27 @@ def _shared(module: fx.GraphModule, index: int):
 def with_regions(module: fx.GraphModule) -> tuple[fx.GraphModule, Regions]:
     """`module` (a stage's) with its whole repeated layers as calls of shared compile regions; the module itself
     where no MIN_LAYERS layers of one code are whole in it."""
-    candidates = []
-    for span in _spans(module.graph):
-        built = _region_graph(span)
-        if built is not None:
-            candidates.append((span, *built))
+    layers = [layer for layer in map(_region_graph, _spans(module.graph)) if layer is not None]
     nodes = list(module.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
 
-    def interleaved(span: list[fx.Node]) -> bool:
-        """Whether an operation between the span's nodes, of no layer, reads one of them or is not free to move:
-        the call stands where the span's last node stood, so the span's operations run after it."""
-        inside = set(span)
-        between = [n for n in nodes[position[span[0]]:position[span[-1]]] if n not in inside]
+    def interleaved(layer: _Layer) -> bool:
+        """Whether an operation between the layer's own, of no layer, reads one of them or is not free to move:
+        the call stands where the layer's last operation stood, so the layer's operations run after it."""
+        inside = set(layer.span)
+        between = [n for n in nodes[position[layer.span[0]]:position[layer.span[-1]]] if n not in inside]
         return any(any(a in inside for a in n.all_input_nodes) or not _quiet(n) for n in between)
 
-    candidates = [c for c in candidates if not interleaved(c[0])]
-    by_code: dict[str, list] = {}
-    for candidate in candidates:
-        by_code.setdefault(candidate[1].code, []).append(candidate)
-    chosen = [c for group in by_code.values() if len(group) >= MIN_LAYERS for c in group]
-    if not chosen:
+    by_code: dict[str, list[_Layer]] = {}
+    for layer in layers:
+        if not interleaved(layer):
+            by_code.setdefault(layer.module.code, []).append(layer)
+    groups = [group for group in by_code.values() if len(group) >= MIN_LAYERS]
+    if not groups:
         return module, Regions(0, 0)
-    functions = {code: _shared(group[0][1], k) for k, (code, group) in enumerate(by_code.items())
-                 if len(group) >= MIN_LAYERS}
-    end_of = {c[0][-1]: c for c in chosen}
-    skipped = {n for c in chosen for n in c[0]}
+    function_of = {group[0].module.code: _shared(group[0].module, k) for k, group in enumerate(groups)}
+    ending_at = {layer.span[-1]: layer for group in groups for layer in group}
+    replaced = {n for group in groups for layer in group for n in layer.span}
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -200,13 +203,13 @@ def with_regions(module: fx.GraphModule) -> tuple[fx.GraphModule, Regions]:
     ordered = ([n for n in nodes if n.op == "placeholder"] + [n for n in nodes if n.op == "get_attr"]
                + [n for n in nodes if n.op not in ("placeholder", "get_attr")])
     for node in ordered:
-        if node in end_of:
-            span, region_module, inputs, outputs = end_of[node]
-            call = graph.call_function(functions[region_module.code], tuple(env[n] for n in inputs))
-            for i, out in enumerate(outputs):
+        if node in ending_at:
+            layer = ending_at[node]
+            call = graph.call_function(function_of[layer.module.code], tuple(env[n] for n in layer.inputs))
+            for i, out in enumerate(layer.outputs):
                 env[out] = graph.call_function(operator.getitem, (call, i))
                 env[out].meta = dict(out.meta)
-        elif node not in skipped:
+        elif node not in replaced:
             env[node] = graph.node_copy(node, lambda n: env[n])
     regioned = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    return regioned, Regions(calls=len(chosen), functions=len(functions))
+    return regioned, Regions(calls=len(ending_at), functions=len(groups))
