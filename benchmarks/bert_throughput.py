@@ -10,7 +10,7 @@ peak memory per GPU and the ratio rannc / DDP, and after the timed steps a few s
 (forward, backward, clipping, optimizer; each followed by a device sync) to compare with the plan's parts.
 
 Contenders (`--contenders`, comma-separated): `rannc`; `rannc:ITEM=VALUE;...` forcing rannc config items
-(`rannc:partition_num=2`, `rannc:compile=true`): the planner's choice measured against its alternatives in one
+(`rannc:partition_num=2`, `rannc:compile=false`): the planner's choice measured against its alternatives in one
 launch; `ddp` (DistributedDataParallel over the plain model); on one process also `eager` (the plain model),
 `compiled` (torch.compile of the plain model) and `hf` (Hugging Face's BertForPreTraining of the same shape
 with SDPA attention, its MLM head over every position, as it ships). MFU counts the model's FLOPs
@@ -19,7 +19,7 @@ with SDPA attention, its MLM head over every position, as it ships). MFU counts 
 One-GPU comparison of issue-level targets:
 
     torchrun --nproc_per_node=1 benchmarks/bert_throughput.py --batch_per_gpu 64 \
-        --contenders eager,compiled,hf,rannc,rannc:compile=true
+        --contenders eager,compiled,hf,rannc,rannc:compile=false
 """
 
 from __future__ import annotations
@@ -109,6 +109,24 @@ class HFLoss(torch.nn.Module):
                           next_sentence_label=next_sentence).loss
 
 
+class GcTime:
+    """Seconds the Python garbage collector ran (all generations), from gc's callbacks: a collection that walks
+    the large object graphs of captured and compiled models pauses the host for milliseconds."""
+
+    def __init__(self) -> None:
+        self.seconds, self._start = 0.0, None
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        gc.callbacks.remove(self)
+
+
 def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, sync):
     """One training step; returns the loss and the milliseconds of each phase (with `sync` a device sync after
     each, so that the phases are the device's; without it they are the host's)."""
@@ -167,12 +185,17 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     setup_s = None
     t_start = time.perf_counter()
     parts = (kind, wrapped, model, optimizer, batch, use_autocast, device)
+    gc_time = GcTime()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()
             dist.barrier()
+            gc_time.seconds = 0.0
             t0 = time.perf_counter()
         loss, _ = train_step(*parts, lambda: None)
         if step == 0:
@@ -181,6 +204,8 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         torch.cuda.synchronize()
     dist.barrier()
     elapsed = time.perf_counter() - t0
+    gc_ms = gc_time.seconds * 1e3 / args.steps
+    gc_time.close()
     phases = [train_step(*parts, functools.partial(sync_device, device))[1] for _ in range(args.breakdown_steps)]
     breakdown = {name: round(statistics.median(p[i] for p in phases), 2)
                  for i, name in enumerate(("forward", "backward", "clip", "optimizer"))} if phases else {}
@@ -197,7 +222,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     result = {"contender": name, "samples_per_s": samples_per_s,
               "mfu": samples_per_s * flops / world / (args.peak_tflops * 1e12) if args.peak_tflops else None,
               "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks, "first_step_s": setup_s,
-              "final_loss": loss_value, "breakdown_ms": breakdown}
+              "final_loss": loss_value, "breakdown_ms": breakdown, "gc_ms_per_step": round(gc_ms, 2)}
     if kind == "rannc":
         deployment = wrapped.deployment
         result["plan"] = deployment.table()
@@ -207,6 +232,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         if peak:
             result["predicted_over_measured_peak"] = result["predicted_peak_gib"] / max(p for p in peaks if p)
     del wrapped, model, optimizer, batch, loss, parts
+    gc.unfreeze()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -229,6 +255,9 @@ def main() -> None:
     p.add_argument("--no_dropout", action="store_true",
                    help="both dropout probabilities 0: losses that depend on the weights alone, not on the masks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gc_freeze", action="store_true",
+                   help="move every object alive after the warm-up steps out of the garbage collector's reach "
+                        "(gc.freeze), to see what its pauses cost")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device for MFU (default 989 on CUDA, H100/H200 bf16; none on CPU)")
     p.add_argument("--out", default="")

@@ -53,7 +53,7 @@ def main() -> None:
     config = BertConfig.from_json_file(args.config_file)
     model = BertForPreTrainingWithCriterion(config).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    wrapped = rannc.RaNNCModule(model, torch.optim.SGD(params, lr=0.0), verbose=False)
+    wrapped = rannc.RaNNCModule(model, torch.optim.SGD(params, lr=0.0), verbose=False, compile=False)
     batch = make_batch(config, args.batch, 128, 20, device, 0)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = wrapped(*batch)

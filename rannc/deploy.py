@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
-from rannc.config import RannConfig
+from rannc.config import RannConfig, compiles
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
 from rannc.graph.compiled import CompiledModule
@@ -189,7 +189,8 @@ class ProfileJob:
             cached = None
             if rdist.get_rank() == 0:
                 path = profile_cache_path(self.captured, self.blocks, self.sizes, self.device,
-                                          _autocast_dtype(self.device), config.compile, config.profile_cache_dir,
+                                          _autocast_dtype(self.device), compiles(config, self.device.type),
+                                          config.profile_cache_dir,
                                           config.compile_regions)
                 cached = path is not None and path.is_file()
             self.alongside = not rdist.broadcast_object(cached)
@@ -206,7 +207,7 @@ class ProfileJob:
         return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
-                                 update=update, compile_blocks=config.compile,
+                                 update=update, compile_blocks=compiles(config, self.device.type),
                                  compile_regions=config.compile_regions)
 
 
@@ -264,7 +265,7 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
         runtime = StageRuntime([Piece(stages[c], deployment.stages[c].recompute,
                                       CompiledModule(stages[c].module, f"stage {c}", mode=config.compile_mode,
                                                      regions=config.compile_regions)
-                                      if config.compile else None)
+                                      if compiles(config, device.type) else None)
                                 for c in pieces],
                                captured.batched_inputs, device, forward_group=forward_group,
                                gradient_group=gradient_group)

@@ -73,6 +73,7 @@ class RaNNCModule(nn.Module):
         self._dropout_enabled = True
         self._deployment: Deployment | None = None
         self._placement: Placement | None = None
+        self._fused_grads = grad_ops.FusedGrads()   # clipping's kernel tables, kept from step to step
         self._engine: Engine | None = None
         self._captured = None
         self._masters = None
@@ -143,13 +144,13 @@ class RaNNCModule(nn.Module):
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip gradients by the global norm of the whole model's gradients; returns that norm. Collective."""
         self._require_ready("clip_grad_norm")
-        return grad_ops.clip_grad_norm(self._placement, self.device, max_norm, norm_type)
+        return grad_ops.clip_grad_norm(self._placement, self.device, max_norm, norm_type, self._fused_grads)
 
     @faults.guarded("calc_grad_norm")
     def calc_grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """The global norm of the whole model's gradients, each parameter counted once. Collective."""
         self._require_ready("calc_grad_norm")
-        return grad_ops.global_grad_norm(self._placement, self.device, norm_type)
+        return grad_ops.global_grad_norm(self._placement, self.device, norm_type, self._fused_grads)
 
     _calc_grad_norm = calc_grad_norm
 

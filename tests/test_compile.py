@@ -118,6 +118,24 @@ def test_more_situations_than_the_recompile_limit_is_an_error_not_a_silent_eager
     torch._dynamo.reset()
 
 
+def test_a_failing_compile_names_the_stage_and_the_way_out(monkeypatch):
+    """compile is on by default on CUDA devices: where torch.compile fails, the error says which module and that
+    compile=false runs it eagerly."""
+    import torch._inductor.compile_fx
+
+    from rannc.graph.compiled import CompiledModule
+
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel for this")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", broken)
+    torch._dynamo.reset()
+    compiled = CompiledModule(torch.nn.Linear(4, 2), "stage 3")
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on stage 3 \(.*no kernel for this.*compile=false"):
+        compiled(torch.randn(3, 4))
+    torch._dynamo.reset()
+
+
 def test_compile_refuses_the_split_backward():
     with pytest.raises(ConfigError, match="'compile' cannot be used with schedule 'zb_h1'"):
         RannConfig().replace(compile=True, schedule="zb_h1")

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from rannc import config as config_module
-from rannc.config import UPSTREAM_ONLY, ConfigError, RannConfig, load_config, show_items
+from rannc.config import UPSTREAM_ONLY, ConfigError, RannConfig, compiles, load_config, show_items
 
 
 def test_defaults_are_rannc_defaults(tmp_path):
@@ -39,6 +39,7 @@ def test_unknown_environment_item(tmp_path):
     ("RANNC_PARTITION_NUM", "two", "partition_num"),
     ("RANNC_SAVE_DEPLOYMENT", "maybe", "save_deployment"),
     ("RANNC_MIN_PIPELINE", "0", "min_pipeline"),
+    ("RANNC_COMPILE", "maybe", "compile"),
 ])
 def test_bad_values_name_the_item(tmp_path, item, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,6 +49,18 @@ def test_bad_values_name_the_item(tmp_path, item, value, message):
 def test_min_above_max_pipeline(tmp_path):
     with pytest.raises(ConfigError, match="min_pipeline"):
         load_config({"RANNC_CONF_DIR": str(tmp_path), "RANNC_MIN_PIPELINE": "8", "RANNC_MAX_PIPELINE": "4"})
+
+
+def test_compile_is_auto_on_cuda_only_and_takes_booleans(tmp_path):
+    """compile defaults to auto: stages compile on CUDA devices, not on CPUs and not under zb_h1 (whose split
+    backward a compiled stage cannot give); true and false force it, written as any boolean item."""
+    auto = RannConfig()
+    assert auto.compile == "auto" and compiles(auto, "cuda") and not compiles(auto, "cpu")
+    assert not compiles(auto.replace(schedule="zb_h1"), "cuda")
+    assert compiles(auto.replace(compile=True), "cpu") and not compiles(auto.replace(compile="off"), "cuda")
+    assert load_config({"RANNC_CONF_DIR": str(tmp_path), "RANNC_COMPILE": "Yes"}).compile == "true"
+    with pytest.raises(ConfigError, match="zb_h1"):
+        auto.replace(compile=True, schedule="zb_h1")
 
 
 def test_replace_validates():

@@ -71,6 +71,14 @@ class CompiledModule:
                 f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}; this one: "
                 f"{_describe(situation)}), and torch.compile would run it eagerly from now on without a word. "
                 f"Raise that limit, or run with compile=False") from exc
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            # compile is on by default on CUDA: a model torch.compile cannot take must say how to run it anyway
+            cause = getattr(exc, "inner_exception", None) or exc   # the backend's own error, where it raised
+            first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+            raise RuntimeError(
+                f"rannc: torch.compile failed on {self.name} ({_describe(situation)}): {type(cause).__name__}: "
+                f"{first_line} -- run with compile=false (RANNC_COMPILE=false, or compile=False to RaNNCModule) "
+                f"to run the stages eagerly") from exc
         if self.compiles > before:
             if situation in self._seen:
                 self.recompiles += 1

@@ -1,0 +1,1 @@
+"""Device kernels that torch has no equivalent of, written in Triton (imported only where Triton is)."""
