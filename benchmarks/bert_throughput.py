@@ -25,7 +25,6 @@ One-GPU comparison of issue-level targets:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import faulthandler
 import functools
 import gc
@@ -278,7 +277,7 @@ def main() -> None:
         args.peak_tflops = 989.0
     config = BertConfig.from_json_file(args.config_file)
     if args.no_dropout:
-        config = dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = config.without_dropout()
     with torch.device("meta"):
         n_params = count_parameters(BertForPreTrainingWithCriterion(config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -23,7 +23,6 @@ copy and its master rounded to bf16 (0 when the copies are what the masters say)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -88,7 +87,7 @@ def run(name: str, args, device: torch.device) -> dict:
     regime = set(name.split("_"))
     config = BertConfig.from_json_file(args.config_file)
     if "nodrop" in regime:
-        config = dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = config.without_dropout()
     model, optimizer, copies = build(regime, config, device, args.lr)
     seeds = [int(part[4:]) for part in regime if part.startswith("seed")]
     if seeds:

@@ -38,6 +38,7 @@ from rannc.kernels.multi_tensor import (
     INTERPRETED,
     SUPPORTED_DTYPES,
     TL_DTYPES,
+    TableCache,
     TensorTable,
     chunk_span,
     grad_norm,
@@ -49,8 +50,8 @@ from rannc.kernels.multi_tensor import (
     table_ptr,
 )
 
-__all__ = ["CHUNK", "INTERPRETED", "SUPPORTED_DTYPES", "TensorTable", "grad_norm", "lamb_update", "layout_problem",
-           "row_pointers"]
+__all__ = ["CHUNK", "INTERPRETED", "SUPPORTED_DTYPES", "TableCache", "TensorTable", "grad_norm", "lamb_update",
+           "layout_problem", "row_pointers"]
 
 # The LAMB kernels' block and warps (the table's chunk is rannc.kernels.multi_tensor.CHUNK). Read at each launch,
 # so that a benchmark can try other values.

@@ -81,6 +81,10 @@ class BertConfig:
                 f"({self.num_attention_heads})"
             )
 
+    def without_dropout(self) -> BertConfig:
+        """The same model with both dropouts at 0: runs whose losses are compared step by step draw no masks."""
+        return dataclasses.replace(self, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
     @property
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to a multiple of 8, as NVIDIA does, so the decoder GEMM suits tensor cores."""

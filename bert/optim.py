@@ -49,6 +49,10 @@ def _fused_support_problem(device: torch.device, dtype: torch.dtype) -> str | No
     return None
 
 
+def _table_cache() -> dict:
+    return lamb_triton.TableCache() if lamb_triton is not None else {}
+
+
 class Lamb(torch.optim.Optimizer):
     """Layer-wise adaptive Adam (NVLAMB) matching apex ``FusedLAMB`` with ``adam_w_mode=True``.
 
@@ -115,8 +119,8 @@ class Lamb(torch.optim.Optimizer):
         # Global across groups, like apex (which reads it from self.defaults), since the norm is global.
         self.max_grad_norm = max_grad_norm or 0.0
         self.fused = fused
-        # Address tables of the fused kernels, re-pointed when a tensor moves (see TensorTable.moved_rows).
-        self._fused_tables: dict = {}
+        # Address tables of the fused kernels, re-pointed when a tensor moves (see TableCache).
+        self._fused_tables = _table_cache()
         self.compute_copies: dict[torch.Tensor, torch.Tensor] = {}
         if fused:
             self._require_fused_support()
@@ -190,26 +194,8 @@ class Lamb(torch.optim.Optimizer):
             return None
         problem = _fused_support_problem(rows[0][0].device, dtypes[0])
         if problem is None:
-            try:
-                pointers = lamb_triton.row_pointers(rows)
-            except RuntimeError:   # a tensor without storage (a sparse grad): layout_problem names it
-                problem = lamb_triton.layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
-        if problem is None:
-            table = self._fused_tables.get(key)
-            # sizes as well as addresses: a grads-only table's first row is new tensors each step, and an address
-            # the allocator hands out again may hold another parameter's grad of another size
-            fits = table is not None and table.fits(rows)
-            # only what moved can have another layout: each step, the grads (zero_grad(set_to_none=True))
-            moved = table.moved_rows(pointers) if fits else list(range(len(rows)))
-            if not moved:
-                return table
-            problem = lamb_triton.layout_problem([rows[i] for i in moved], tuple(dtypes[i] for i in moved),
-                                                 [pointers[i] for i in moved])
-            if problem is None:
-                if fits:
-                    table.point_to(pointers)
-                else:
-                    table = self._fused_tables[key] = lamb_triton.TensorTable(rows, pointers=pointers)
+            table, problem = self._fused_tables.lookup(key, rows, dtypes)
+            if table is not None:
                 return table
         if self.fused:
             raise RuntimeError(f"Lamb(fused=True) cannot step these parameters: {problem}")
@@ -360,7 +346,7 @@ class Lamb(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", 1.0)
         self.__dict__.setdefault("fused", None)
-        self._fused_tables = {}
+        self._fused_tables = _table_cache()
         self.compute_copies = {}
 
 

@@ -28,7 +28,7 @@ from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import parse_stage_replicas, plan, profile_sizes, rows_within
 from rannc.precision import DTYPES, MasterWeights
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
-from rannc.profile.profiler import build_profile_set, cached_links, profile_cache_path
+from rannc.profile.profiler import block_compile, build_profile_set, cached_links, profile_cache_path
 from rannc.profile.profiles import ProfileSet
 from rannc.profile.update import measure_update
 from rannc.runtime.engine import Engine
@@ -180,6 +180,7 @@ class ProfileJob:
 
     def __post_init__(self) -> None:
         config = self.config
+        self.compile_blocks = block_compile(compiles(config, self.device.type), config.compile_regions)
         self.alongside, self.sizes = False, []
         if config.load_deployment:
             return
@@ -189,9 +190,7 @@ class ProfileJob:
             cached = None
             if rdist.get_rank() == 0:
                 path = profile_cache_path(self.captured, self.blocks, self.sizes, self.device,
-                                          _autocast_dtype(self.device), compiles(config, self.device.type),
-                                          config.profile_cache_dir,
-                                          config.compile_regions)
+                                          _autocast_dtype(self.device), self.compile_blocks, config.profile_cache_dir)
                 cached = path is not None and path.is_file()
             self.alongside = not rdist.broadcast_object(cached)
 
@@ -207,8 +206,7 @@ class ProfileJob:
         return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
-                                 update=update, compile_blocks=compiles(config, self.device.type),
-                                 compile_regions=config.compile_regions)
+                                 update=update, compile_blocks=self.compile_blocks)
 
 
 def _make_plan(job: ProfileJob) -> Deployment:

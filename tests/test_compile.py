@@ -181,6 +181,19 @@ def test_repeated_layers_compile_once_as_shared_regions(monkeypatch):
     assert (compiled.regions.calls, compiled.regions.functions) == (4, 1)
     assert CompiledModule(stage, "stage 0", regions=False).regions.calls == 0
 
+    class Wrapped(torch.nn.Module):   # the model inside containers of its own: its layers found at any depth
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(models.TinyBert(layers=5))
+
+        def forward(self, *args):
+            return self.inner[0](*args)
+
+    wrapped = capture(Wrapped(), tuple(batch))
+    wrapped_lin = linearize(wrapped)
+    wrapped_stage = build_stage(wrapped, wrapped_lin, 0, wrapped_lin.size).module
+    assert CompiledModule(wrapped_stage, "stage 0").regions == compiled.regions
+
     def check(stage, compiled, batch, calls, codes):
         def loss_and_grads(run):
             stage.zero_grad(set_to_none=True)

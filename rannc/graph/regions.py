@@ -46,25 +46,26 @@ class Regions:
     functions: int
 
 
-def _layer_of(node: fx.Node, prefix: str | None = None) -> tuple[str, int] | None:
-    """(ModuleList path, index) of the outermost indexed module the node came from (the index within `prefix`
-    where one is given)."""
+def _indexed(node: fx.Node) -> list[tuple[str, int]]:
+    """Every (ModuleList path, index) the node came from, outermost first (`model.inner.0.blocks.3` gives
+    (model.inner, 0) and (model.inner.0.blocks, 3))."""
+    levels = []
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
         parts = path.split(".")
         for end in range(1, len(parts) + 1):
             match = _INDEXED.match(".".join(parts[:end]))
-            if match and (prefix is None or match.group(1) == prefix):
-                return match.group(1), int(match.group(2))
-    return None
+            if match and (match.group(1), int(match.group(2))) not in levels:
+                levels.append((match.group(1), int(match.group(2))))
+    return levels
 
 
 def _spans(graph: fx.Graph) -> list[list[fx.Node]]:
-    """The stage's whole layers of its most repeated ModuleList, each as its run of consecutive nodes."""
+    """The stage's whole layers of its most repeated ModuleList (at any depth: a model wrapped in a Sequential
+    or a container of its own still has its layers), each as its run of consecutive nodes."""
     counts: dict[str, set[int]] = {}
     for node in graph.nodes:
-        layer = _layer_of(node)
-        if layer is not None:
-            counts.setdefault(layer[0], set()).add(layer[1])
+        for path, index in _indexed(node):
+            counts.setdefault(path, set()).add(index)
     if not counts:
         return []
     prefix = max(counts, key=lambda p: len(counts[p]))
@@ -72,10 +73,10 @@ def _spans(graph: fx.Graph) -> list[list[fx.Node]]:
     broken: set[int] = set()
     last: int | None = None
     for node in graph.nodes:
-        layer = _layer_of(node, prefix) if node.op == "call_function" else None
-        if layer is None:
+        index = next((i for path, i in _indexed(node) if path == prefix), None) \
+            if node.op == "call_function" else None
+        if index is None:
             continue   # parameters, inputs, and operations of no layer (a stage copies sizes where first needed)
-        index = layer[1]
         if index != last and index in spans:
             broken.add(index)    # a layer in two pieces, another layer between them: not a region
         spans.setdefault(index, []).append(node)

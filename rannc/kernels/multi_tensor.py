@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK", "CHUNK", "INTERPRETED", "NUM_WARPS", "SUPPORTED_DTYPES", "TL_DTYPES", "TensorTable",
+__all__ = ["BLOCK", "CHUNK", "INTERPRETED", "NUM_WARPS", "SUPPORTED_DTYPES", "TL_DTYPES", "TableCache", "TensorTable",
            "chunk_span", "grad_norm", "launch_context", "layout_problem", "load_fp32", "row_pointers", "scale_",
            "store_as", "table_ptr"]
 
@@ -203,6 +203,35 @@ class TensorTable:
         :meth:`point_to` can take them."""
         return (len(rows) == self.n_rows and len(rows[0]) == self.n_tensors
                 and tuple(t.numel() for t in rows[0]) == self.numel_key)
+
+
+class TableCache(dict):
+    """Tables kept from step to step by a caller's key. A table is re-pointed where only addresses moved (grads
+    are new tensors each step after zero_grad(set_to_none=True)) and built anew where the sizes differ (sizes as
+    well as addresses: an address the allocator hands out again may hold another tensor of another size); the
+    layout of whatever moved is checked each time."""
+
+    def lookup(self, key, rows: list[list[torch.Tensor]],
+               dtypes: tuple[torch.dtype, ...]) -> tuple[TensorTable | None, str | None]:
+        """(the table for these rows, None), or (None, why the kernels cannot take them)."""
+        try:
+            pointers = row_pointers(rows)
+        except RuntimeError:   # a tensor without storage (a sparse grad): layout_problem names it
+            return None, layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
+        table = self.get(key)
+        fits = table is not None and table.fits(rows)
+        moved = table.moved_rows(pointers) if fits else list(range(len(rows)))
+        if not moved:
+            return table, None
+        problem = layout_problem([rows[i] for i in moved], tuple(dtypes[i] for i in moved),
+                                 [pointers[i] for i in moved])
+        if problem is not None:
+            return None, problem
+        if fits:
+            table.point_to(pointers)
+        else:
+            table = self[key] = TensorTable(rows, pointers=pointers)
+        return table, None
 
 
 def launch_context(device: torch.device):

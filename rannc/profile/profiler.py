@@ -51,12 +51,22 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# How the profiler runs the runs of blocks it times whole, as stages will run: "" eager, "inline" under
+# torch.compile, "regions" under torch.compile with whole repeated layers as shared regions (rannc.graph.regions).
+# The words are what the profile cache's key holds.
+BLOCK_COMPILE = {"": "eager", "inline": "compiled", "regions": "compiled-regions"}
+
+
+def block_compile(compile_on: bool, regions: bool) -> str:
+    """The profiler's `compile_blocks` value for the compile and compile_regions items."""
+    return ("regions" if regions else "inline") if compile_on else ""
+
+
 def cache_key(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
-              autocast_dtype, compile_blocks: bool = False, compile_regions: bool = True) -> str:
+              autocast_dtype, compile_blocks: str = "") -> str:
     digest = hashlib.sha256()
     for part in (captured.fingerprint, str(blocks.bounds), str(sizes), device_name(device), str(autocast_dtype),
-                 torch.__version__, __version__,
-                 ("compiled-regions" if compile_regions else "compiled") if compile_blocks else "eager"):
+                 torch.__version__, __version__, BLOCK_COMPILE[compile_blocks]):
         digest.update(part.encode())
     return digest.hexdigest()[:20]
 
@@ -71,15 +81,15 @@ WINDOW_REPEATS = 5          # timed runs of a calibration window (see _window_re
 
 def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                    sizes: list[int], device: torch.device, repeats: int = 3, autocast_dtype=None,
-                   show_progress: bool = True, compile_blocks: bool = False,
-                   compile_regions: bool = True) -> tuple[list[BlockProfile], Calibration]:
+                   show_progress: bool = True, compile_blocks: str = "") -> tuple[list[BlockProfile], Calibration]:
     """Time and activation bytes of every block at each micro-batch size in `sizes`; then runs of consecutive
     blocks (the whole model when it fits) timed as one stage, for the calibration (see `Calibration`).
 
-    With `compile_blocks` (the compile item) each run of blocks is also timed under torch.compile at the
-    largest size, as stages will run, and every block's times and the calibration are scaled by what compile
-    took against eager there (forward and backward apart; `compiled_scale`). Compiling every block at every
-    size would take minutes to hours for large models; one static compile per run costs what the deployed
+    With `compile_blocks` (the compile item: "inline" or "regions", see BLOCK_COMPILE) each run of blocks is also
+    timed under torch.compile at the largest size, as stages will run, and every block's times and the
+    calibration are scaled by what compile took against eager there (forward and backward apart;
+    `compiled_scale`). Compiling every block at every size would take minutes to hours for large models; one
+    static compile per run costs what the deployed
     stage's compile costs, and a one-stage plan at that size then finds it in inductor's cache."""
     stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
     windows = _windows(stages, device)
@@ -126,7 +136,8 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
             fwd_ms, bwd_ms, act, outs, (fresh, warm) = _profile_one(whole, whole.module, start_values, batch, device,
                                                                     _window_repeats(repeats), autocast_dtype)
             if compile_blocks and size == max(sizes):
-                compiled = CompiledModule(whole.module, f"blocks {first}-{end - 1}", regions=compile_regions)
+                compiled = CompiledModule(whole.module, f"blocks {first}-{end - 1}",
+                                          regions=compile_blocks == "regions")
                 c_fwd, c_bwd, *_ = _profile_one(whole, compiled, start_values, batch, device,
                                                 _window_repeats(repeats), autocast_dtype)
                 compiled_runs.append((fwd_ms, c_fwd, bwd_ms, c_bwd))
@@ -362,24 +373,21 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
 
 
 def profile_cache_path(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
-                       autocast_dtype, compile_blocks: bool, cache_dir: str,
-                       compile_regions: bool = True) -> Path | None:
+                       autocast_dtype, compile_blocks: str, cache_dir: str) -> Path | None:
     """Where the profile of this graph, blocks, sizes and device is cached (None: no cache)."""
     if not cache_dir:
         return None
-    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks, compile_regions)
+    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks)
     return Path(cache_dir).expanduser() / f"profile_{key}.json"
 
 
 def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                       sizes: list[int], device: torch.device, links: dict[str, float], repeats: int,
                       cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True,
-                      update: UpdateProfile | None = None, compile_blocks: bool = False,
-                      compile_regions: bool = True) -> ProfileSet:
+                      update: UpdateProfile | None = None, compile_blocks: str = "") -> ProfileSet:
     """Profiles of every block, from the on-disk cache when the same graph was profiled before; the links and
     the optimizer's profile (`update`) are measured apart and set on it."""
-    path = profile_cache_path(captured, blocks, sizes, device, autocast_dtype, compile_blocks, cache_dir,
-                              compile_regions)
+    path = profile_cache_path(captured, blocks, sizes, device, autocast_dtype, compile_blocks, cache_dir)
     if path is not None and path.is_file():
         try:
             cached = ProfileSet.from_json(path.read_text())
@@ -393,7 +401,7 @@ def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
             log(f"Ignoring unreadable profile cache {path}")
     t0 = time.perf_counter()
     block_profiles, calibration = profile_blocks(captured, lin, blocks, inputs, sizes, device, repeats,
-                                                 autocast_dtype, show_progress, compile_blocks, compile_regions)
+                                                 autocast_dtype, show_progress, compile_blocks)
     compiled = " (runs of blocks compiled)" if compile_blocks else ""
     log(f"Profiled {blocks.count} blocks{compiled} at micro-batch sizes {sizes} in {time.perf_counter() - t0:.1f} s")
     tensor_bytes, trainable = tensor_table(captured)

@@ -80,7 +80,7 @@ class FusedGrads:
     (after zero_grad(set_to_none=True)), as the fused optimizer does."""
 
     def __init__(self) -> None:
-        self._tables: dict[tuple, object] = {}
+        self._tables = multi_tensor.TableCache() if multi_tensor is not None else {}
         self._told: set[str] = set()
 
     def _table(self, role: str, grads: list[torch.Tensor]):
@@ -88,24 +88,15 @@ class FusedGrads:
         if (multi_tensor is None or dtype not in multi_tensor.SUPPORTED_DTYPES
                 or (device.type != "cuda" and not multi_tensor.INTERPRETED)):
             return None
-        rows = [grads]
-        pointers = multi_tensor.row_pointers(rows)
-        for table in self._tables.values():   # the norm's table serves the scale where both take the same grads
-            if table.fits(rows) and not table.moved_rows(pointers):
-                return table
-        key = (role, device, dtype)
-        table = self._tables.get(key)
-        problem = multi_tensor.layout_problem(rows, (dtype,), pointers)
-        if problem is not None:
-            if problem not in self._told:
-                self._told.add(problem)
-                logger.info("rannc: gradient clipping takes torch's foreach ops: %s", problem)
-            self._tables.pop(key, None)
-            return None
-        if table is not None and table.fits(rows):
-            table.point_to(pointers)
-        else:
-            table = self._tables[key] = multi_tensor.TensorTable(rows, pointers=pointers)
+        if role == "scale":   # the norm's table serves the scale where both take the same grads (one rank's)
+            shared = self._tables.get(("norm", device, dtype))
+            if shared is not None and shared.fits([grads]) and not shared.moved_rows(
+                    multi_tensor.row_pointers([grads])):
+                return shared
+        table, problem = self._tables.lookup((role, device, dtype), [grads], (dtype,))
+        if problem is not None and problem not in self._told:
+            self._told.add(problem)
+            logger.info("rannc: gradient clipping takes torch's foreach ops: %s", problem)
         return table
 
     def norms(self, grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
