@@ -150,6 +150,31 @@ def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, syn
     return loss, [1e3 * (b - a) for a, b in zip(marks, marks[1:])]
 
 
+def _timed_steps(args, parts: tuple, device, gc_time: GcTime) -> tuple[float, torch.Tensor, float]:
+    """--warmup steps, then --steps timed ones queued back to back: (their seconds, the last loss, the first
+    step's seconds)."""
+    setup_s = None
+    t_start = time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()
+            dist.barrier()
+            gc_time.seconds = 0.0
+            t0 = time.perf_counter()
+        loss, _ = train_step(*parts, lambda: None)
+        if step == 0:
+            setup_s = time.perf_counter() - t_start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    return time.perf_counter() - t0, loss, setup_s
+
+
 def run(kind: str, args, config, device, rank, world) -> dict:
     name, items = kind, contender_items(kind)
     kind = kind.split(":")[0]
@@ -181,30 +206,13 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     batch = make_batch(config, args.batch_per_gpu, args.seq, args.preds, device, args.seed + rank,
                        args.full_sequence_mlm)
     use_autocast = device.type == "cuda" and not args.no_autocast
-    setup_s = None
-    t_start = time.perf_counter()
     parts = (kind, wrapped, model, optimizer, batch, use_autocast, device)
     gc_time = GcTime()
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            if args.gc_freeze:
-                gc.collect()
-                gc.freeze()
-            dist.barrier()
-            gc_time.seconds = 0.0
-            t0 = time.perf_counter()
-        loss, _ = train_step(*parts, lambda: None)
-        if step == 0:
-            setup_s = time.perf_counter() - t_start
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier()
-    elapsed = time.perf_counter() - t0
+    try:
+        elapsed, loss, setup_s = _timed_steps(args, parts, device, gc_time)
+    finally:
+        gc_time.close()
     gc_ms = gc_time.seconds * 1e3 / args.steps
-    gc_time.close()
     phases = [train_step(*parts, functools.partial(sync_device, device))[1] for _ in range(args.breakdown_steps)]
     breakdown = {name: round(statistics.median(p[i] for p in phases), 2)
                  for i, name in enumerate(("forward", "backward", "clip", "optimizer"))} if phases else {}

@@ -262,7 +262,11 @@ def run_timing(args) -> None:
             note = f" (timed on {small_n / 1e9:.2f}B, scaled)"
         rows.append((name + note, design_bytes, ms))
     for block, num_warps in args.sweep:
+        from rannc.kernels import multi_tensor  # with Triton only, as the sweep
+
+        # the LAMB kernels' and the clipping norm's settings alike
         lamb_triton.BLOCK, lamb_triton.NUM_WARPS = block, num_warps
+        multi_tensor.BLOCK, multi_tensor.NUM_WARPS = block, num_warps
         ms = time_optimizer(lambda g: Lamb(g, lr=1e-3, max_grad_norm=1.0), shapes, device, args)
         rows.append((f"Lamb fused, clipping, BLOCK={block} num_warps={num_warps}", 44, ms))
 

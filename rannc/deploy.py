@@ -378,4 +378,5 @@ def _with_estimated_links(measured: ProfileSet, estimated: ProfileSet) -> Profil
     return dataclasses.replace(measured, p2p_bytes_per_ms=estimated.p2p_bytes_per_ms,
                                p2p_latency_ms=estimated.p2p_latency_ms,
                                allreduce_bytes_per_ms=estimated.allreduce_bytes_per_ms,
-                               allreduce_latency_ms=estimated.allreduce_latency_ms)
+                               allreduce_latency_ms=estimated.allreduce_latency_ms,
+                               p2p_hop_ms=estimated.p2p_hop_ms)

@@ -167,6 +167,7 @@ def test_repeated_layers_compile_once_as_shared_regions(monkeypatch):
     from rannc.graph.blocks import linearize
     from rannc.graph.capture import capture
     from rannc.graph.compiled import CompiledModule
+    from rannc.graph.regions import Regions
     from rannc.graph.stage import build_stage
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
@@ -193,6 +194,29 @@ def test_repeated_layers_compile_once_as_shared_regions(monkeypatch):
     wrapped_lin = linearize(wrapped)
     wrapped_stage = build_stage(wrapped, wrapped_lin, 0, wrapped_lin.size).module
     assert CompiledModule(wrapped_stage, "stage 0").regions == compiled.regions
+
+    class Sub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(torch.relu(self.a(x)) + x)
+
+    class Layer(torch.nn.Module):   # six sublayers in a list of its own: the regions are still the 4 layers
+        def __init__(self):
+            super().__init__()
+            self.subs = torch.nn.ModuleList(Sub() for _ in range(6))
+
+        def forward(self, x):
+            for sub in self.subs:
+                x = sub(x)
+            return x
+
+    nested = capture(torch.nn.Sequential(*[Layer() for _ in range(4)]), (torch.randn(4, 8),))
+    nested_lin = linearize(nested)
+    nested_stage = build_stage(nested, nested_lin, 0, nested_lin.size).module
+    assert CompiledModule(nested_stage, "stage 0").regions == Regions(4, 1)
 
     def check(stage, compiled, batch, calls, codes):
         def loss_and_grads(run):

@@ -51,13 +51,20 @@ def test_min_above_max_pipeline(tmp_path):
         load_config({"RANNC_CONF_DIR": str(tmp_path), "RANNC_MIN_PIPELINE": "8", "RANNC_MAX_PIPELINE": "4"})
 
 
-def test_compile_is_auto_on_cuda_only_and_takes_booleans(tmp_path):
-    """compile defaults to auto: stages compile on CUDA devices, not on CPUs and not under zb_h1 (whose split
-    backward a compiled stage cannot give); true and false force it, written as any boolean item."""
+def test_compile_is_auto_on_cuda_only_and_takes_booleans(tmp_path, monkeypatch):
+    """compile defaults to auto: stages compile on CUDA devices where inductor can generate code for them
+    (Triton), not on CPUs and not under zb_h1 (whose split backward a compiled stage cannot give); true and
+    false force it, written as any boolean item, also when RannConfig is built directly."""
+    import torch.utils._triton
+
     auto = RannConfig()
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     assert auto.compile == "auto" and compiles(auto, "cuda") and not compiles(auto, "cpu")
     assert not compiles(auto.replace(schedule="zb_h1"), "cuda")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert not compiles(auto, "cuda")
     assert compiles(auto.replace(compile=True), "cpu") and not compiles(auto.replace(compile="off"), "cuda")
+    assert RannConfig(compile=True).compile == "true" and RannConfig(compile=0).compile == "false"
     assert load_config({"RANNC_CONF_DIR": str(tmp_path), "RANNC_COMPILE": "Yes"}).compile == "true"
     with pytest.raises(ConfigError, match="zb_h1"):
         auto.replace(compile=True, schedule="zb_h1")

@@ -64,6 +64,19 @@ inf = grad_ops.global_grad_norm(Holder(params, params), torch.device("cpu"), mat
 assert inf == max(p.grad.abs().max().float() for p in params)
 two = grad_ops.global_grad_norm(Holder(params[:2], params[:2]), torch.device("cpu"), 2.0, fused)
 torch.testing.assert_close(two, torch.cat([p.grad for p in params[:2]]).norm())
+
+# a kernel Triton cannot build or launch: clipping goes on with the foreach ops, said once as a warning
+def fail(*args, **kwargs):
+    raise RuntimeError("no kernel for this device")
+
+
+real, multi_tensor.grad_norm = multi_tensor.grad_norm, fail
+broken = grad_ops.FusedGrads()
+params[1].grad = torch.randn(5)
+total = grad_ops.global_grad_norm(Holder(params, params), torch.device("cpu"), 2.0, broken)
+multi_tensor.grad_norm = real
+torch.testing.assert_close(total, torch.cat([p.grad.float().flatten() for p in params]).norm(), rtol=1e-6, atol=0)
+assert broken._failed == "RuntimeError: no kernel for this device", broken._failed
 print("fused clipping matches foreach")
 """
 
@@ -71,7 +84,8 @@ print("fused clipping matches foreach")
 def test_fused_clipping_matches_foreach_under_triton_interpreter():
     """Norm (to 1e-6) and scale (exactly, fp32) of the fused kernels against torch's foreach ops over three
     steps of new grads, with a grad held but not owned (scaled, not counted), a bf16 group, a parameter without
-    a grad, and the foreach fallback for the inf norm and a non-contiguous grad (named in the log)."""
+    a grad, and the foreach fallback for the inf norm, a non-contiguous grad (named in the log) and a kernel that
+    fails (a warning, once)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1",
@@ -82,3 +96,4 @@ def test_fused_clipping_matches_foreach_under_triton_interpreter():
     assert "fused clipping matches foreach" in result.stdout
     assert "gradient clipping takes torch's foreach ops: a parameter, grad or state is sparse or not contiguous" \
         in result.stderr
+    assert result.stderr.count("the fused clipping kernels failed (RuntimeError: no kernel for this device)") == 1

@@ -11,7 +11,7 @@ import torch
 from rannc.config import RannConfig
 from rannc.graph.blocks import Blocks
 from rannc.plan.deployment import Deployment, DeploymentError, show_deployment
-from rannc.plan.planner import PlanningError, plan
+from rannc.plan.planner import PlanningError, plan, simulate_deployment
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
 from rannc.runtime.chunks import split_batch
 from rannc.schedule import gpipe_backward, gpipe_forward, in_flight, one_f_one_b
@@ -202,6 +202,35 @@ def test_auto_schedule_prefers_the_simplest_unless_another_is_faster():
     # data parallelism (one stage) is GPipe whatever the schedule option
     small = plan(_profile(param_bytes=10**7), _bounds(16), 4, 64, RannConfig(schedule="auto"), "f")
     assert len(small.stages) == 1 and small.schedule == "gpipe"
+
+
+def test_hops_between_ranks_are_priced_and_can_outweigh_interleaving(tmp_path):
+    """Where a transfer waits while ranks compute (p2p_hop_ms, measured on CPUs), every hop of a micro-batch
+    between ranks delays it: GPipe's step grows by the fill and drain's 2 x (stages - 1) hops, interleaving's by
+    more (each piece's hop), and with hops long enough the planner keeps the simpler schedule. The deployment
+    keeps the hop, so its report and picture simulate what the planner did."""
+    items = dict(partition_num=4, min_pipeline=4, max_pipeline=4, mem_margin=0.0)
+    for_schedule = {}
+    for hop in (0.0, 2.0, 20.0):
+        profile = _pipeline_bound_profile()
+        profile.p2p_hop_ms = hop
+        for_schedule[hop] = {name: plan(profile, _bounds(8), 4, 64,
+                                        RannConfig(schedule=name, virtual_stages=v, **items), "f")
+                             for name, v in [("gpipe", 1), ("interleaved_1f1b", 2), ("auto", 2)]}
+    gpipe = [for_schedule[h]["gpipe"].predicted_step_ms for h in (0.0, 2.0)]
+    with_hops = for_schedule[2.0]["gpipe"]
+    delayed = simulate_deployment(with_hops).step_ms
+    with_hops.p2p_hop_ms = 0.0
+    assert delayed == pytest.approx(simulate_deployment(with_hops).step_ms + 2 * 3 * 2.0)
+    with_hops.p2p_hop_ms = 2.0
+    interleaved = [for_schedule[h]["interleaved_1f1b"].predicted_step_ms for h in (0.0, 2.0)]
+    assert interleaved[1] - interleaved[0] > gpipe[1] - gpipe[0]
+    assert for_schedule[0.0]["auto"].schedule == "interleaved_1f1b"
+    assert for_schedule[20.0]["auto"].schedule in ("gpipe", "1f1b")
+    chosen = for_schedule[2.0]["interleaved_1f1b"]
+    assert chosen.p2p_hop_ms == 2.0 and "hop=2.00 ms" in chosen.table()
+    chosen.save(tmp_path / "d.json")
+    assert Deployment.load(tmp_path / "d.json").p2p_hop_ms == 2.0
 
 
 def test_virtual_stages_cut_the_model_into_pieces_placed_round_robin(tmp_path):

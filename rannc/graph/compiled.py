@@ -71,8 +71,9 @@ class CompiledModule:
                 f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}; this one: "
                 f"{_describe(situation)}), and torch.compile would run it eagerly from now on without a word. "
                 f"Raise that limit, or run with compile=False") from exc
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            # compile is on by default on CUDA: a model torch.compile cannot take must say how to run it anyway
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            # compile is on by default on CUDA: a model inductor cannot compile must say how to run it anyway
+            # (errors of the model itself while dynamo traces it pass through as they are)
             cause = getattr(exc, "inner_exception", None) or exc   # the backend's own error, where it raised
             first_line = (str(cause).strip().splitlines() or [""])[0][:300]
             raise RuntimeError(

@@ -60,15 +60,19 @@ def _indexed(node: fx.Node) -> list[tuple[str, int]]:
 
 
 def _spans(graph: fx.Graph) -> list[list[fx.Node]]:
-    """The stage's whole layers of its most repeated ModuleList (at any depth: a model wrapped in a Sequential
-    or a container of its own still has its layers), each as its run of consecutive nodes."""
+    """The stage's whole layers of its outermost repeated ModuleList (at any depth: a model wrapped in a
+    Sequential or a container of its own still has its layers), each as its run of consecutive nodes."""
     counts: dict[str, set[int]] = {}
     for node in graph.nodes:
         for path, index in _indexed(node):
             counts.setdefault(path, set()).add(index)
-    if not counts:
+    # the outermost lists of two or more layers (a list inside another's layer, e.g. each layer's experts or
+    # sublayers, is part of those layers), then the one with the most layers
+    lists = [p for p in counts if len(counts[p]) >= 2]
+    outer = [p for p in lists if not any(p.startswith(q + ".") for q in lists)]
+    if not outer:
         return []
-    prefix = max(counts, key=lambda p: len(counts[p]))
+    prefix = max(outer, key=lambda p: len(counts[p]))
     spans: dict[int, list[fx.Node]] = {}
     broken: set[int] = set()
     last: int | None = None

@@ -30,8 +30,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # One program walks one chunk of one tensor, BLOCK elements at a time. Chunks bound the table's size and
-# keep the partial sums few; the block is what one iteration holds in registers. Read at each launch, so a
-# benchmark can try other values.
+# keep the partial sums few; the block is what one iteration holds in registers. BLOCK and NUM_WARPS are read
+# at each launch and CHUNK when a table is built, so that a benchmark can try other values.
 CHUNK = 65536
 BLOCK = 2048
 NUM_WARPS = 8

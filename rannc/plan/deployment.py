@@ -53,6 +53,7 @@ class Deployment:
     planning_s: float = 0.0
     candidates_considered: int = 0
     virtual_stages: int = 1        # model pieces per pipeline rank: `stages` lists pipeline_depth x this many
+    p2p_hop_ms: float = 0.0        # each hop of a micro-batch between ranks waits this long (ProfileSet's)
 
     @property
     def replicas(self) -> int:
@@ -133,6 +134,7 @@ class Deployment:
                  f"micro-batches={self.microbatch_count} batch_size={self.batch_size} ranks={self.world_size} "
                  f"schedule={self.schedule} predicted_step={self.predicted_step_ms:.2f} ms "
                  f"bubble={self.bubble_fraction:.1%}"
+                 + (f" hop={self.p2p_hop_ms:.2f} ms" if self.p2p_hop_ms and self.pipeline_depth > 1 else "")
                  + (f" mem_limit={self.memory_limit_bytes / 2**30:.1f} GiB" if self.memory_limit_bytes else ""),
                  f"{'stage':>5} {'blocks':>11} {'ranks':>14} {'cp':>3} {'fwd_ms':>9} {'bwd_ms':>9} "
                  f"{'ar_ms':>9} {'tail_ms':>9} {'params':>10} {'act':>10} {'mem':>10}"]

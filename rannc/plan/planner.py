@@ -298,6 +298,7 @@ def _best_splits(costs: CostModel, tables: list[RangeTable], counts: list[int], 
     into count x virtual pieces, each priced against its share cap / virtual of the device). `tables[e]`
     prices the piece at distance e from the model's end (one table for all but with unequal replicas)."""
     n = costs.n
+    hop_ms = costs.profile.p2p_hop_ms
     if len(tables) == 1:
         tables = tables * (max(counts) * virtual)
     stage_of = {s * virtual: s for s in counts}
@@ -363,10 +364,10 @@ def _best_splits(costs: CostModel, tables: list[RangeTable], counts: list[int], 
         cand = Candidate(value, stage_of[s], tables[0].replicas, microbatches, tables[0].samples, ranges,
                          stage_costs, virtual, schedule if stage_of[s] > 1 else SCHEDULE_ORDER[0],
                          per_stage if len(set(per_stage)) > 1 else None)
-        if cand.stage_count > 1 and schedule not in CLOSED_FORM:
+        if cand.stage_count > 1 and (schedule not in CLOSED_FORM or hop_ms > 0):
             if _busiest_rank_ms(cand) >= limit:
                 continue      # even without a bubble it could not be chosen: not worth simulating
-            cand.step_ms = simulated_step(cand, schedule)
+            cand.step_ms = simulated_step(cand, schedule, hop_ms)
         results.append(cand)
     return results, need
 
@@ -419,14 +420,15 @@ def _busiest_rank_ms(cand: Candidate) -> float:
     return max(busy) + max(_rank_tails(cand))
 
 
-def simulated_step(cand: Candidate, schedule: str) -> float:
-    """The candidate's step by simulating its schedule, plus the longest rank's tail (a rank's pieces'
-    optimizer, clipping and exposed all-reduce, one after another)."""
+def simulated_step(cand: Candidate, schedule: str, hop_ms: float = 0.0) -> float:
+    """The candidate's step by simulating its schedule (each hop of a micro-batch between ranks waiting
+    `hop_ms`), plus the longest rank's tail (a rank's pieces' optimizer, clipping and exposed all-reduce, one
+    after another)."""
     depth, v = cand.stage_count, cand.virtual_stages
     lists = get_schedule(schedule)(depth, cand.microbatches, v)
     fwd = [c.fwd_ms + c.send_ms for c in cand.costs]
     bwd = [c.bwd_ms + c.grad_send_ms for c in cand.costs]
-    return simulate(lists, action_costs(fwd, bwd, depth)).step_ms + max(_rank_tails(cand))
+    return simulate(lists, action_costs(fwd, bwd, depth), hop_ms).step_ms + max(_rank_tails(cand))
 
 
 def choose(candidates: list[Candidate]) -> Candidate:
@@ -459,14 +461,15 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
             f"mem_margin={config.mem_margin}); the smallest stage found needs {smallest_need / 2**30:.2f} GiB. "
             f"Use more devices, a smaller batch, a larger max_pipeline, or raise mem_limit_gb.")
     chosen = choose(found)
-    deployment = to_deployment(chosen, blocks, world_size, batch_size, cap, fingerprint, chosen.schedule)
+    deployment = to_deployment(chosen, blocks, world_size, batch_size, cap, fingerprint, chosen.schedule,
+                               profile.p2p_hop_ms)
     deployment.planning_s = time.perf_counter() - started
     deployment.candidates_considered = len(found)
     return deployment
 
 
 def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size: int, cap: int,
-                  fingerprint: str, schedule: str) -> Deployment:
+                  fingerprint: str, schedule: str, hop_ms: float = 0.0) -> Deployment:
     depth = chosen.stage_count
     counts = chosen.stage_replicas or (chosen.replicas,) * depth
     first = [sum(counts[:k]) for k in range(depth)]
@@ -481,7 +484,7 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
     deployment = Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
                             microbatch_count=chosen.microbatches, stages=stages, block_bounds=list(blocks.bounds),
                             predicted_step_ms=chosen.step_ms, memory_limit_bytes=cap, schedule=schedule,
-                            virtual_stages=chosen.virtual_stages)
+                            virtual_stages=chosen.virtual_stages, p2p_hop_ms=hop_ms)
     deployment.bubble_fraction = simulated_bubble(deployment)
     return deployment
 
@@ -495,7 +498,7 @@ def simulate_deployment(deployment: Deployment):
                                                                        deployment.virtual_stages)
     fwd = [st.fwd_ms + st.send_ms for st in deployment.stages]
     bwd = [st.bwd_ms + st.grad_send_ms for st in deployment.stages]
-    return simulate(lists, action_costs(fwd, bwd, depth))
+    return simulate(lists, action_costs(fwd, bwd, depth), deployment.p2p_hop_ms)
 
 
 def simulated_bubble(deployment: Deployment) -> float:

@@ -295,6 +295,9 @@ _LINKS: dict[str, dict[str, float]] = {}
 logger = logging.getLogger("rannc.profile")
 
 
+LINK_KEYS = ("p2p_bytes_per_ms", "p2p_latency_ms", "allreduce_bytes_per_ms", "allreduce_latency_ms", "p2p_hop_ms")
+
+
 def cached_links(device: torch.device, cache_dir: str, log=print) -> dict[str, float]:
     """The link speeds of this set of processes, measured once and kept (in this process, and on disk under
     `cache_dir` keyed by the world size, backend, device and hosts), so that every deployment plans with the
@@ -314,6 +317,8 @@ def cached_links(device: torch.device, cache_dir: str, log=print) -> dict[str, f
         except (ValueError, AttributeError, TypeError):
             log(f"Ignoring unreadable link cache {path}")
     found = rdist.broadcast_object(found)
+    if found is not None and set(found) != set(LINK_KEYS):
+        found = None   # kept by an earlier version that measured less: measure again
     if found is None:
         found = measure_links(device)
         if rdist.get_rank() == 0 and path is not None:
@@ -332,7 +337,7 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
     """p2p (rank 0 <-> 1) and all-reduce (all ranks) speed, as seen by rank 0; collective."""
     world = rdist.get_world_size()
     result = {"p2p_bytes_per_ms": 1e7, "p2p_latency_ms": 0.02, "allreduce_bytes_per_ms": 1e7,
-              "allreduce_latency_ms": 0.05}
+              "allreduce_latency_ms": 0.05, "p2p_hop_ms": 0.0}
     if world < 2:
         return result
     rank = rdist.get_rank()
@@ -361,6 +366,7 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
 
     lat = timed(ping(small)) / 2
     big_ms = timed(ping(big)) / 2
+    hop = _hop_under_load(rank) if comm.type == "cpu" else 0.0
     ar_lat = timed(lambda: dist.all_reduce(small))
     ar_ms = timed(lambda: dist.all_reduce(big))
     if rank == 0:
@@ -368,8 +374,48 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
         # time overestimates the bandwidth badly when both are latency-bound
         result = {"p2p_bytes_per_ms": nbytes / max(big_ms, 1e-3), "p2p_latency_ms": lat,
                   "allreduce_bytes_per_ms": 2.0 * (world - 1) / world * nbytes / max(ar_ms, 1e-3),
-                  "allreduce_latency_ms": ar_lat}
+                  "allreduce_latency_ms": ar_lat, "p2p_hop_ms": hop}
     return rdist.broadcast_object(result)
+
+
+HOP_BYTES = 128 * 1024   # a small activation's message
+HOP_BUSY_MS = 8.0        # the computation both ranks run around each message
+HOP_REPEATS = 13         # the first is a warm-up
+
+
+def _hop_under_load(rank: int) -> float:
+    """Rank 0 -> 1 delivery time of a HOP_BYTES message sent asynchronously while both ranks compute (as a
+    pipeline's actions do): the mean over HOP_REPEATS of (arrival - send), both read from the host's one
+    monotonic clock (the CPU ranks of one host, the only case measured). The mean, not the median: a delivery
+    waits either hardly at all or for the operating system to give the communication thread a core (0.2 or
+    about 4 ms on two ranks of two cores), and the step pays the average. Collective; ranks above 1 only join
+    the barriers."""
+    message = torch.zeros(HOP_BYTES // 4)
+    arrival = torch.zeros(1, dtype=torch.float64)
+    work = torch.randn(256, 256)
+    delays = []
+
+    def compute(ms: float) -> None:
+        end = time.perf_counter() + ms / 1e3
+        while time.perf_counter() < end:
+            work @ work
+
+    for _ in range(HOP_REPEATS):
+        dist.barrier()
+        if rank == 0:
+            sent = time.perf_counter()
+            request = dist.isend(message, 1)
+            compute(HOP_BUSY_MS)
+            request.wait()
+            dist.recv(arrival, 1)
+            delays.append((arrival.item() - sent) * 1e3)
+        elif rank == 1:
+            dist.recv(message, 0)
+            arrival[0] = time.perf_counter()
+            compute(HOP_BUSY_MS)
+            dist.send(arrival, 0)
+    dist.barrier()
+    return max(0.0, statistics.fmean(delays[1:])) if delays else 0.0
 
 
 def profile_cache_path(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,

@@ -93,6 +93,10 @@ class ProfileSet:
     p2p_latency_ms: float = 0.02
     allreduce_bytes_per_ms: float = 1e7
     allreduce_latency_ms: float = 0.05
+    # From a send to its arrival while both ranks compute. On CPUs the communication threads wait for a core
+    # that the computation holds (2 gloo ranks on 2 cores: about 2 ms for 128 KB, 0.12 ms with the ranks idle),
+    # and every hop of a micro-batch between ranks waits that long; 0 where transfers run on the device (GPUs).
+    p2p_hop_ms: float = 0.0
     measured: bool = True
     update: UpdateProfile = dataclasses.field(default_factory=UpdateProfile)
     calibration: Calibration = dataclasses.field(default_factory=Calibration)

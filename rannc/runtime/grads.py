@@ -73,8 +73,11 @@ class FusedGrads:
     """Clipping's two passes over a group of gradients (one device and dtype) as one launch each on CUDA: the
     multi-tensor sum of squares and scale of rannc.kernels.multi_tensor, which read the 4.9B model's fp32
     gradients in about half the time of torch's foreach norm (4.35 vs 8.1 ms on one H200). torch's foreach ops
-    elsewhere: on CPUs, without Triton, for norms other than 2, and for gradients the kernels cannot index
-    (not contiguous: said once in the log).
+    elsewhere: on CPUs, without Triton, for dtypes other than fp32/bf16/fp16, for norms other than 2, for
+    gradients the kernels cannot index (not contiguous: said once in the log), and from the first time Triton
+    fails to build or launch a kernel on this device (a warning with the reason). A table is re-pointed where
+    the grads' addresses moved; grads at the same addresses and sizes as before are taken to be laid out as
+    before.
 
     Keeps each group's table of addresses between steps and re-points it when the gradients are new tensors
     (after zero_grad(set_to_none=True)), as the fused optimizer does."""
@@ -82,10 +85,18 @@ class FusedGrads:
     def __init__(self) -> None:
         self._tables = multi_tensor.TableCache() if multi_tensor is not None else {}
         self._told: set[str] = set()
+        self._failed: str | None = None   # why the kernels could not run here (then foreach from there on)
+
+    def _fall_back(self, exc: Exception) -> None:
+        """A kernel that Triton cannot build or launch on this device: clipping goes on with torch's foreach ops,
+        said once as a warning with the reason."""
+        self._failed = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        logger.warning("rannc: the fused clipping kernels failed (%s); clipping takes torch's foreach ops from "
+                       "here on", self._failed)
 
     def _table(self, role: str, grads: list[torch.Tensor]):
         device, dtype = grads[0].device, grads[0].dtype
-        if (multi_tensor is None or dtype not in multi_tensor.SUPPORTED_DTYPES
+        if (multi_tensor is None or self._failed is not None or dtype not in multi_tensor.SUPPORTED_DTYPES
                 or (device.type != "cuda" and not multi_tensor.INTERPRETED)):
             return None
         if role == "scale":   # the norm's table serves the scale where both take the same grads (one rank's)
@@ -105,10 +116,13 @@ class FusedGrads:
         for group in _by_device_and_dtype(grads):
             table = self._table("norm", group) if norm_type == 2.0 else None
             if table is not None:
-                norms.append(multi_tensor.grad_norm(table, group[0].dtype))
-            else:
-                # fp32 norms of bf16 gradients too (their own dtype would keep three significant digits)
-                norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+                try:
+                    norms.append(multi_tensor.grad_norm(table, group[0].dtype))
+                    continue
+                except Exception as exc:   # a kernel is built on its first launch: nothing was written yet
+                    self._fall_back(exc)
+            # fp32 norms of bf16 gradients too (their own dtype would keep three significant digits)
+            norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         return norms
 
     def scale_(self, grads: list[torch.Tensor], factor: torch.Tensor) -> None:
@@ -117,9 +131,12 @@ class FusedGrads:
         for group in _by_device_and_dtype(grads):
             table = self._table("scale", group)
             if table is not None:
-                multi_tensor.scale_(table, group[0].dtype, factor)
-            else:
-                torch._foreach_mul_(group, factor.to(group[0].device, group[0].dtype))
+                try:
+                    multi_tensor.scale_(table, group[0].dtype, factor)
+                    continue
+                except Exception as exc:   # a kernel is built on its first launch: nothing was written yet
+                    self._fall_back(exc)
+            torch._foreach_mul_(group, factor.to(group[0].device, group[0].dtype))
 
 
 def global_grad_norm(placement: Placement, device: torch.device, norm_type: float = 2.0,
