@@ -134,7 +134,8 @@ class RannConfig:
         default=True, metadata={"help": "the planner counts a global gradient clipping in every step"})
     compile: str = dataclasses.field(
         default="auto", metadata={"help": "run every stage's module under torch.compile (inductor): auto (on "
-                                          "where the stages run on CUDA devices, off on CPUs, where inductor's "
+                                          "where the stages run on CUDA devices with Triton, off on CPUs, where "
+                                          "inductor's "
                                           "C++ compile takes minutes for little gain), true or false; the runs of "
                                           "blocks the profiler times whole are compiled too, and a recompilation "
                                           "in the steady state is logged as a warning; not with zb_h1 (a "
@@ -261,7 +262,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if name == "compile":   # auto, or a boolean written as for any boolean item
             text = str(value).strip().lower()
-            word = value if isinstance(value, bool) else _BOOL_WORDS.get(text, text)
+            if isinstance(value, (int, float)) and value in (0, 1):   # as any boolean item takes them
+                word = bool(value)
+            else:
+                word = _BOOL_WORDS.get(text, text)
             out = {True: "true", False: "false"}.get(word, word)
         elif kind is bool:
             if isinstance(value, bool):
