@@ -65,6 +65,15 @@ assert inf == max(p.grad.abs().max().float() for p in params)
 two = grad_ops.global_grad_norm(Holder(params[:2], params[:2]), torch.device("cpu"), 2.0, fused)
 torch.testing.assert_close(two, torch.cat([p.grad for p in params[:2]]).norm())
 
+# the factor is taken in the grads' dtype before it multiplies, as torch's multiplication of two fp16 tensors:
+# 3 x fp16(1 + 2^-11 + 2^-13) rounds to 3 + 2 ulp, 3 x the fp32 factor to 3 + 1 ulp
+halves = [torch.full((70001,), 3.0, dtype=torch.float16)]
+expected_halves = [h.clone() for h in halves]
+factor = torch.tensor(1 + 2 ** -11 + 2 ** -13)
+grad_ops.FusedGrads().scale_(halves, factor)
+torch._foreach_mul_(expected_halves, factor.to(torch.float16))
+assert torch.equal(halves[0], expected_halves[0]) and halves[0][0].item() == 3.00390625, halves[0][0]
+
 # a kernel Triton cannot build or launch: clipping goes on with the foreach ops, said once as a warning
 def fail(*args, **kwargs):
     raise RuntimeError("no kernel for this device")
@@ -82,10 +91,10 @@ print("fused clipping matches foreach")
 
 
 def test_fused_clipping_matches_foreach_under_triton_interpreter():
-    """Norm (to 1e-6) and scale (exactly, fp32) of the fused kernels against torch's foreach ops over three
-    steps of new grads, with a grad held but not owned (scaled, not counted), a bf16 group, a parameter without
-    a grad, and the foreach fallback for the inf norm, a non-contiguous grad (named in the log) and a kernel that
-    fails (a warning, once)."""
+    """Norm (to 1e-6) and scale (exactly, fp32; fp16 with the factor rounded to fp16 first, as torch does) of
+    the fused kernels against torch's foreach ops over three steps of new grads, with a grad held but not owned
+    (scaled, not counted), a bf16 group, a parameter without a grad, and the foreach fallback for the inf norm, a
+    non-contiguous grad (named in the log) and a kernel that fails (a warning, once)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1",
