@@ -47,11 +47,12 @@ from rannc.kernels.multi_tensor import (
     load_fp32,
     row_pointers,
     store_as,
+    support_problem,
     table_ptr,
 )
 
 __all__ = ["CHUNK", "INTERPRETED", "SUPPORTED_DTYPES", "TableCache", "TensorTable", "grad_norm", "lamb_update",
-           "layout_problem", "row_pointers"]
+           "layout_problem", "row_pointers", "support_problem"]
 
 # The LAMB kernels' block and warps (the table's chunk is rannc.kernels.multi_tensor.CHUNK). Read at each launch,
 # so that a benchmark can try other values.

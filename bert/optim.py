@@ -39,14 +39,11 @@ def _by_device_and_dtype(params: list[torch.Tensor]) -> dict[tuple[torch.device,
 
 def _fused_support_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the Triton kernels cannot take parameters of this device and dtype, or None when they can."""
-    interpreted = lamb_triton is not None and lamb_triton.INTERPRETED
-    if device.type != "cuda" and not interpreted:
-        return f"the fused kernels run on CUDA tensors, and a parameter is on {device}"
     if lamb_triton is None:
+        if device.type != "cuda":
+            return f"the fused kernels run on CUDA tensors, and a parameter is on {device}"
         return "the fused kernels need Triton, which cannot be imported here"
-    if dtype not in lamb_triton.SUPPORTED_DTYPES:
-        return f"the fused kernels take float32, bfloat16 or float16 parameters, and one is {dtype}"
-    return None
+    return lamb_triton.support_problem(device, dtype)
 
 
 def _table_cache() -> dict:

@@ -28,7 +28,7 @@ from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import parse_stage_replicas, plan, profile_sizes, rows_within
 from rannc.precision import DTYPES, MasterWeights
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
-from rannc.profile.profiler import block_compile, build_profile_set, cached_links, profile_cache_path
+from rannc.profile.profiler import LINK_KEYS, block_compile, build_profile_set, cached_links, profile_cache_path
 from rannc.profile.profiles import ProfileSet
 from rannc.profile.update import measure_update
 from rannc.runtime.engine import Engine
@@ -375,8 +375,4 @@ def _with_estimated_links(measured: ProfileSet, estimated: ProfileSet) -> Profil
         raise ValueError(f"the measured profile has {len(measured.blocks)} blocks that do not match the "
                          f"{len(estimated.blocks)} blocks of this model's graph (another model, configuration "
                          f"or max_blocks)")
-    return dataclasses.replace(measured, p2p_bytes_per_ms=estimated.p2p_bytes_per_ms,
-                               p2p_latency_ms=estimated.p2p_latency_ms,
-                               allreduce_bytes_per_ms=estimated.allreduce_bytes_per_ms,
-                               allreduce_latency_ms=estimated.allreduce_latency_ms,
-                               p2p_hop_ms=estimated.p2p_hop_ms)
+    return dataclasses.replace(measured, **{key: getattr(estimated, key) for key in LINK_KEYS})

@@ -62,9 +62,10 @@ def _indexed(node: fx.Node) -> list[tuple[str, int]]:
 def _spans(graph: fx.Graph) -> list[list[fx.Node]]:
     """The stage's whole layers of its outermost repeated ModuleList (at any depth: a model wrapped in a
     Sequential or a container of its own still has its layers), each as its run of consecutive nodes."""
+    levels = {node: _indexed(node) for node in graph.nodes}
     counts: dict[str, set[int]] = {}
-    for node in graph.nodes:
-        for path, index in _indexed(node):
+    for node_levels in levels.values():
+        for path, index in node_levels:
             counts.setdefault(path, set()).add(index)
     # the outermost lists of two or more layers (a list inside another's layer, e.g. each layer's experts or
     # sublayers, is part of those layers), then the one with the most layers
@@ -77,7 +78,7 @@ def _spans(graph: fx.Graph) -> list[list[fx.Node]]:
     broken: set[int] = set()
     last: int | None = None
     for node in graph.nodes:
-        index = next((i for path, i in _indexed(node) if path == prefix), None) \
+        index = next((i for path, i in levels[node] if path == prefix), None) \
             if node.op == "call_function" else None
         if index is None:
             continue   # parameters, inputs, and operations of no layer (a stage copies sizes where first needed)

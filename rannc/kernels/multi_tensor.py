@@ -23,7 +23,7 @@ import triton.language as tl
 
 __all__ = ["BLOCK", "CHUNK", "INTERPRETED", "NUM_WARPS", "SUPPORTED_DTYPES", "TL_DTYPES", "TableCache", "TensorTable",
            "chunk_span", "grad_norm", "launch_context", "layout_problem", "load_fp32", "row_pointers", "scale_",
-           "store_as", "table_ptr"]
+           "store_as", "support_problem", "table_ptr"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,6 +111,16 @@ def _scale_kernel(
     if full < length:
         offs = start + full + tl.arange(0, BLOCK)
         store_as(g_ptr, offs, load_fp32(g_ptr, offs, offs < end, True) * f, offs < end, True)
+
+
+def support_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot take tensors of this device and dtype, or None when they can (CUDA, or any
+    device under the interpreter; float32, bfloat16 or float16)."""
+    if device.type != "cuda" and not INTERPRETED:
+        return f"the fused kernels run on CUDA tensors, and a parameter is on {device}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the fused kernels take float32, bfloat16 or float16 parameters, and one is {dtype}"
+    return None
 
 
 def row_pointers(rows: list[list[torch.Tensor]]) -> list[tuple[int, ...]]:
@@ -211,13 +221,15 @@ class TableCache(dict):
     well as addresses: an address the allocator hands out again may hold another tensor of another size); the
     layout of whatever moved is checked each time."""
 
-    def lookup(self, key, rows: list[list[torch.Tensor]],
-               dtypes: tuple[torch.dtype, ...]) -> tuple[TensorTable | None, str | None]:
-        """(the table for these rows, None), or (None, why the kernels cannot take them)."""
-        try:
-            pointers = row_pointers(rows)
-        except RuntimeError:   # a tensor without storage (a sparse grad): layout_problem names it
-            return None, layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
+    def lookup(self, key, rows: list[list[torch.Tensor]], dtypes: tuple[torch.dtype, ...],
+               pointers: list[tuple[int, ...]] | None = None) -> tuple[TensorTable | None, str | None]:
+        """(the table for these rows, None), or (None, why the kernels cannot take them). `pointers`: the rows'
+        :func:`row_pointers`, when the caller has them."""
+        if pointers is None:
+            try:
+                pointers = row_pointers(rows)
+            except RuntimeError:   # a tensor without storage (a sparse grad): layout_problem names it
+                return None, layout_problem(rows, dtypes) or "a parameter, grad or state has no storage"
         table = self.get(key)
         fits = table is not None and table.fits(rows)
         moved = table.moved_rows(pointers) if fits else list(range(len(rows)))

@@ -89,8 +89,8 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
     timed under torch.compile at the largest size, as stages will run, and every block's times and the
     calibration are scaled by what compile took against eager there (forward and backward apart;
     `compiled_scale`). Compiling every block at every size would take minutes to hours for large models; one
-    static compile per run costs what the deployed
-    stage's compile costs, and a one-stage plan at that size then finds it in inductor's cache."""
+    static compile per run costs what the deployed stage's compile costs, and a one-stage plan at that size then
+    finds it in inductor's cache."""
     stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
     windows = _windows(stages, device)
     window_stages: dict[tuple[int, int], object] = {}

@@ -96,15 +96,18 @@ class FusedGrads:
 
     def _table(self, role: str, grads: list[torch.Tensor]):
         device, dtype = grads[0].device, grads[0].dtype
-        if (multi_tensor is None or self._failed is not None or dtype not in multi_tensor.SUPPORTED_DTYPES
-                or (device.type != "cuda" and not multi_tensor.INTERPRETED)):
+        if multi_tensor is None or self._failed is not None or multi_tensor.support_problem(device, dtype):
             return None
-        if role == "scale":   # the norm's table serves the scale where both take the same grads (one rank's)
-            shared = self._tables.get(("norm", device, dtype))
-            if shared is not None and shared.fits([grads]) and not shared.moved_rows(
-                    multi_tensor.row_pointers([grads])):
+        rows = [grads]
+        try:
+            pointers = multi_tensor.row_pointers(rows)   # one walk over the grads, for every check below
+        except RuntimeError:   # a grad without storage (sparse): the lookup names it
+            pointers = None
+        if role == "scale" and pointers is not None:   # the norm's table serves the scale where both take the
+            shared = self._tables.get(("norm", device, dtype))   # same grads (one rank's)
+            if shared is not None and shared.fits(rows) and not shared.moved_rows(pointers):
                 return shared
-        table, problem = self._tables.lookup((role, device, dtype), [grads], (dtype,))
+        table, problem = self._tables.lookup((role, device, dtype), rows, (dtype,), pointers)
         if problem is not None and problem not in self._told:
             self._told.add(problem)
             logger.info("rannc: gradient clipping takes torch's foreach ops: %s", problem)
