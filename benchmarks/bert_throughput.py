@@ -150,6 +150,37 @@ def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, syn
     return loss, [1e3 * (b - a) for a, b in zip(marks, marks[1:])]
 
 
+def kernel_time(parts: tuple, steps: int, top: int = 12) -> dict:
+    """The device's own time over `steps` steps under torch.profiler (CUDA only): the union of the kernels' intervals
+    per step (the step minus it is time the device waited for the host), how many kernels a step launches, and the
+    kernels that take most of it. Tells a step bound by the device from one bound by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(*parts, lambda: None)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith("Optimizer.")]   # the optimizer's own annotation spans its kernels
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy_us, open_start, open_end = 0, None, None
+    for start, end in spans:
+        if open_end is None or start > open_end:
+            busy_us += 0 if open_end is None else open_end - open_start
+            open_start, open_end = start, end
+        else:
+            open_end = max(open_end, end)
+    busy_us += 0 if open_end is None else open_end - open_start
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:80], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us()
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"device_busy_ms": round(busy_us / steps / 1e3, 2), "kernels_per_step": len(kernels) / steps,
+            "top_kernels_ms": {name: [round(us / steps / 1e3, 3), count / steps] for name, (count, us) in ranked}}
+
+
 def _timed_steps(args, parts: tuple, device, gc_time: GcTime) -> tuple[float, torch.Tensor, float]:
     """--warmup steps, then --steps timed ones queued back to back: (their seconds, the last loss, the first
     step's seconds)."""
@@ -216,6 +247,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     phases = [train_step(*parts, functools.partial(sync_device, device))[1] for _ in range(args.breakdown_steps)]
     breakdown = {name: round(statistics.median(p[i] for p in phases), 2)
                  for i, name in enumerate(("forward", "backward", "clip", "optimizer"))} if phases else {}
+    kernels = kernel_time(parts, args.kernel_steps) if args.kernel_steps and device.type == "cuda" else {}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     peaks = [None] * world
     dist.all_gather_object(peaks, round(peak, 2))
@@ -229,7 +261,7 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     result = {"contender": name, "samples_per_s": samples_per_s,
               "mfu": samples_per_s * flops / world / (args.peak_tflops * 1e12) if args.peak_tflops else None,
               "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks, "first_step_s": setup_s,
-              "final_loss": loss_value, "breakdown_ms": breakdown, "gc_ms_per_step": round(gc_ms, 2)}
+              "final_loss": loss_value, "breakdown_ms": breakdown, "gc_ms_per_step": round(gc_ms, 2), **kernels}
     if kind == "rannc":
         deployment = wrapped.deployment
         result["plan"] = deployment.table()
@@ -255,6 +287,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--breakdown_steps", type=int, default=3, help="steps timed phase by phase after the timed ones")
+    p.add_argument("--kernel_steps", type=int, default=0,
+                   help="on CUDA, steps run under torch.profiler after the others: the device's busy time per step "
+                        "and the kernels that take it (kernel_time)")
     p.add_argument("--contenders", default="rannc,ddp")
     p.add_argument("--partition_num", type=int, default=0)
     p.add_argument("--no_autocast", action="store_true")

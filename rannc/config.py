@@ -153,6 +153,11 @@ class RannConfig:
                                         "compile once, as shared regions (torch.compiler.nested_compile_region), "
                                         "so that compile time does not grow with the layer count; False "
                                         "compiles every layer inline"})
+    fuse_linears: bool = dataclasses.field(
+        default=True, metadata={"help": "linear layers that read the same input (attention's query, key and "
+                                        "value) run as one product over their stacked weights, the same dot "
+                                        "products in one wider GEMM (rannc.graph.fuse); the parameters stay "
+                                        "the model's own"})
     max_blocks: int = dataclasses.field(
         default=128, metadata={"help": "at most this many blocks are planned over (coarsening target)"})
     profile_cache_dir: str = dataclasses.field(

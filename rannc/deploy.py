@@ -22,6 +22,7 @@ from rannc.config import RannConfig, compiles
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
 from rannc.graph.compiled import CompiledModule
+from rannc.graph.fuse import fingerprint_after, fuse_sibling_linears
 from rannc.graph.signature import CallSignature
 from rannc.graph.stage import ROWS_NONE, build_stage, row_cuts
 from rannc.plan.deployment import Deployment, DeploymentError
@@ -338,6 +339,12 @@ def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig, 
     captured = capture(model, example_inputs, kwargs, dynamic_batch=dynamic_batch)
     if device is not None:
         retarget_device(captured.gm, device)
+    if config.fuse_linears:
+        fused = fuse_sibling_linears(captured.gm)
+        if fused:
+            captured.fingerprint = fingerprint_after(captured.fingerprint, fused)
+            logger.info("Fused %d groups of sibling linears into one product each (fuse_linears), e.g. %s",
+                        len(fused), ", ".join(name.removeprefix("model.") for name in fused[0]))
     lin = linearize(captured)
     return captured, lin, make_blocks(lin, config.max_blocks)
 
