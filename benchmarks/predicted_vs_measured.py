@@ -11,7 +11,8 @@ norm and the optimizer step. Every contender plans on one profile (measured once
 steps are timed in turns over the contenders (--steps_per_turn steps each after an untimed one, so that a
 contender's caches are warm), so that the machine's drift reaches every contender alike. Prints one row per
 schedule: plan, predicted and measured ms (median and quartiles), their ratio; for `auto` whether it chose
-the fastest measured.
+the fastest measured, and against each other contender, turn by turn, whether it is slower beyond the noise
+(`paired_verdict`: schedules a few percent apart on two shared cores are not told apart by their medians alone).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -82,6 +84,18 @@ def row(spec: str, contender, times: list[float]) -> dict:
             "bubble": round(d.bubble_fraction, 3)}
 
 
+def paired_verdict(mine: list[list[float]], theirs: list[list[float]], other: str, draws: int = 2000) -> dict:
+    """One contender against another, turn by turn: the ratio of their median step times within each turn (both
+    ran in the same few seconds, so the machine's drift cancels), the median ratio over the turns, and a 95%
+    bootstrap interval of that median (turns drawn with replacement, seeded). An interval wholly above 1 says
+    `mine` is slower beyond the noise; one that holds 1 says the measurement cannot tell the two apart."""
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(mine, theirs) if a and b]
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return {"other": other, "ratio": round(statistics.median(ratios), 4), "turns": len(ratios),
+            "ci95": [round(medians[int(0.025 * draws)], 4), round(medians[int(0.975 * draws) - 1], 4)]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedules", default="gpipe,1f1b")
@@ -90,8 +104,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--partition_num", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--steps_per_turn", type=int, default=5,
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps_per_turn", type=int, default=2,
                    help="timed steps of one contender before the next one's turn (after one untimed step)")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -105,25 +119,37 @@ def main() -> None:
     dist.broadcast_object_list(cache_dir, 0)
     specs = args.schedules.split(",")
     contenders = [deploy(spec, args, device, cache_dir[0]) for spec in specs]
-    times: list[list[float]] = [[] for _ in specs]
     turns = -(-args.steps // args.steps_per_turn)
+    per_turn: list[list[list[float]]] = [[[] for _ in range(turns)] for _ in specs]
     for turn in range(turns):
         for k, contender in enumerate(contenders):
             for step in range(args.steps_per_turn + 1):   # the first step of a turn warms the caches up
                 ms = timed_step(contender, device)
                 if step and turn * args.steps_per_turn + step <= args.steps:
-                    times[k].append(ms)
+                    per_turn[k][turn].append(ms)
+    times = [[ms for turn in turns_of for ms in turn] for turns_of in per_turn]
     rows = [row(spec, contender, t) for spec, contender, t in zip(specs, contenders, times)]
     if rannc.get_rank() == 0:
         shutil.rmtree(cache_dir[0], ignore_errors=True)
         for r in rows:
             print(json.dumps(r), flush=True)
         fastest = min(rows, key=lambda r: r["measured_ms"])
-        for r in rows:
+        for k, r in enumerate(rows):
             if r["asked"].startswith("auto"):
                 print(f"{r['asked']} chose {r['schedule']} (v={r['virtual_stages']}): measured {r['measured_ms']} ms, "
                       f"the fastest measured {fastest['asked']} {fastest['measured_ms']} ms "
                       f"({r['measured_ms'] / fastest['measured_ms']:.3f}x)", flush=True)
+                verdicts = [paired_verdict(per_turn[k], per_turn[j], other["asked"])
+                            for j, other in enumerate(rows) if j != k]
+                r["against_others"] = verdicts
+                slower = [v for v in verdicts if v["ci95"][0] > 1.0]
+                print(f"{r['asked']} against each other contender, turn by turn (its time / theirs, median and 95% "
+                      f"interval over the turns): " + "; ".join(f"{v['other']} {v['ratio']:.3f} "
+                                                               f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                                                               for v in verdicts), flush=True)
+                print(f"{r['asked']}: " + (f"slower beyond the noise than {', '.join(v['other'] for v in slower)}"
+                                           if slower else "no contender measured faster beyond the noise"),
+                      flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
