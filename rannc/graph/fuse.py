@@ -13,7 +13,12 @@ state dicts see the same tensors as before. Each linear's result becomes a piece
 (split's backward is one cat of the pieces' gradients; separate slices would each scatter theirs into zeros of
 the wide shape and sum those). A piece along the last dimension is not contiguous, so a group is fused only
 where every view op reading the results (and views of those views) still accepts the piece, checked on the
-graph's fake tensors, and where nothing writes into them in place.
+graph's fake tensors, where nothing writes into them in place or assumes their layout (`_readers_accept`), and
+where no result is returned by the graph as it is.
+
+Without autocast the fused product saves the stacked weight for its backward where a plain linear saves the
+parameter itself: a group's weights once more per micro-batch in flight (the profiler measures it). Under autocast
+both save a cast copy, of the same size.
 """
 
 from __future__ import annotations
@@ -28,11 +33,16 @@ import torch.fx as fx
 LINEAR = torch.ops.aten.linear.default
 CAT = torch.ops.aten.cat.default
 SPLIT = torch.ops.aten.split_with_sizes.default
+AS_STRIDED = torch.ops.aten.as_strided.default
 # Siblings more than this many operations apart stay as they are: fusing would compute the later one early and
 # keep its result alive (and maybe sent between stages) across everything in between, as in a model that reads
 # its input once at the start and once near the end. Attention's projections are two ops apart (a view and a
 # transpose of each result), a gated MLP's one (the activation).
 NEAR = 4
+# The members' gradients are pieces of the stacked weight's (and bias's) gradient, one storage: each piece must
+# start on a 16-byte boundary, as the multi-tensor kernels' vector loads need (rannc.kernels.multi_tensor), so
+# every width but the last, in bytes, is a multiple of this.
+ALIGN = 16
 
 
 def fuse_sibling_linears(gm: fx.GraphModule) -> list[tuple[str, ...]]:
@@ -99,6 +109,8 @@ def _fuse(graph: fx.Graph, members: list[fx.Node]) -> bool:
     weights = [m.args[1] for m in members]
     biases = [_bias(m) for m in members] if _bias(first) is not None else []
     widths = [int(w.meta["val"].shape[0]) for w in weights]
+    if any(width * weights[0].meta["val"].element_size() % ALIGN for width in widths[:-1]):
+        return False
     try:
         weight_value = CAT([w.meta["val"] for w in weights], 0)
         bias_value = CAT([b.meta["val"] for b in biases], 0) if biases else None
@@ -144,18 +156,26 @@ def _describe(node: fx.Node, like: fx.Node, value) -> None:
 
 def _readers_accept(node: fx.Node, value: torch.Tensor) -> bool:
     """Whether every op reading `node` still works when it yields `value` (a piece with the wide result's
-    strides): view ops are rerun on the fake tensors, through views of views; an op writing in place refuses."""
+    strides) and computes the same: view ops are rerun on the fake tensors, through views of views and the
+    elements of views that return several (chunk, split, unbind). Refused: an op writing in place, as_strided
+    (its strides are baked in), an op outside aten (a custom op may assume a contiguous input), and a piece or a
+    view of it returned by the graph (the caller would get a non-contiguous tensor where it got a contiguous one)."""
     pending = [(node, value)]
     while pending:
         current, current_value = pending.pop()
         for user in current.users:
             op = user.target
+            if user.op == "output":
+                return False
+            if op is operator.getitem and isinstance(current_value, (list, tuple)):
+                pending.append((user, current_value[user.args[1]]))
+                continue
             if not isinstance(op, torch._ops.OpOverload):
-                continue        # the output, getitem, rannc's own wrappers: any layout
-            if op._schema.is_mutable:
+                continue        # rannc's own wrappers (dropout, attention): any layout
+            if op._schema.is_mutable or op.namespace != "aten" or op is AS_STRIDED:
                 return False
             if not op.is_view:
-                continue        # computing ops read any strides
+                continue        # aten's computing ops read any strides
             args, kwargs = fx.node.map_arg((user.args, user.kwargs),
                                            functools.partial(_value, current, current_value))
             try:
