@@ -24,9 +24,9 @@ class Siblings(nn.Module):
     def __init__(self):
         super().__init__()
         self.query, self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
-        self.gate, self.up = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
-        self.mix = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
-        self.late = nn.Linear(8, 4)
+        self.gate, self.up = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.mix = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.late = nn.Linear(8, 8)
 
     def forward(self, x, y):
         batch = x.shape[0]
@@ -69,11 +69,12 @@ class Returned(Flattened):
 
 
 class Unaligned(Flattened):
-    """Widths of 3 floats: the second piece of the stacked gradient would start 12 bytes in."""
+    """Widths of 4: the second piece of the stacked gradient would start 16 bytes in with fp32 weights, 8 with the
+    bf16 ones that param_dtype makes of them."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
 
     def forward(self, x):
         return self.a(x).sum() + self.b(x).square().sum()

@@ -41,7 +41,8 @@ AS_STRIDED = torch.ops.aten.as_strided.default
 NEAR = 4
 # The members' gradients are pieces of the stacked weight's (and bias's) gradient, one storage: each piece must
 # start on a 16-byte boundary, as the multi-tensor kernels' vector loads need (rannc.kernels.multi_tensor), so
-# every width but the last, in bytes, is a multiple of this.
+# every width but the last is a multiple of ALIGN bytes, counted at 2 bytes an element at most (param_dtype
+# turns fp32 weights into bf16 ones after the capture).
 ALIGN = 16
 
 
@@ -109,7 +110,8 @@ def _fuse(graph: fx.Graph, members: list[fx.Node]) -> bool:
     weights = [m.args[1] for m in members]
     biases = [_bias(m) for m in members] if _bias(first) is not None else []
     widths = [int(w.meta["val"].shape[0]) for w in weights]
-    if any(width * weights[0].meta["val"].element_size() % ALIGN for width in widths[:-1]):
+    element_bytes = min(2, weights[0].meta["val"].element_size())
+    if any(width * element_bytes % ALIGN for width in widths[:-1]):
         return False
     try:
         weight_value = CAT([w.meta["val"] for w in weights], 0)
