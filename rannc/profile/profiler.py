@@ -380,7 +380,9 @@ def measure_links(device: torch.device, nbytes: int = 64 * 2**20) -> dict[str, f
 
 HOP_BYTES = 128 * 1024   # a small activation's message
 HOP_BUSY_MS = 8.0        # the computation both ranks run around each message
-HOP_REPEATS = 13         # the first is a warm-up
+HOP_REPEATS = 41         # the first is a warm-up. A delivery waits about 0.2 or about 4 ms, so the mean of few
+                         # is noisy: six means of 12 on two ranks of two cores ranged over 1.25-4.08 ms, of 40
+                         # over 1.87-2.62, for 0.4 s more once per machine (the links are cached)
 
 
 def _hop_under_load(rank: int) -> float:
