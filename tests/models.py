@@ -95,14 +95,32 @@ class ScaledMLP(nn.Module):
         return F.mse_loss(out, y) if y is not None else out
 
 
+class GatedMLP(nn.Module):
+    """A gated MLP (gate and up projections of one input, as in LLaMA): siblings that rannc fuses into one
+    product (rannc.graph.fuse)."""
+
+    def __init__(self, hidden: int = 16, inner: int = 16, layers: int = 2):
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(hidden, inner, bias=False) for _ in range(layers))
+        self.ups = nn.ModuleList(nn.Linear(hidden, inner, bias=False) for _ in range(layers))
+        self.downs = nn.ModuleList(nn.Linear(inner, hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x, y):
+        for gate, up, down in zip(self.gates, self.ups, self.downs):
+            x = x + down(F.silu(gate(x)) * up(x))
+        return F.mse_loss(self.head(x).squeeze(-1), y)
+
+
 def make(name: str) -> nn.Module:
-    return {"mlp": MLP, "bert": TinyBert, "skip": SkipNet, "multi": MultiInput, "scaled": ScaledMLP}[name]()
+    return {"mlp": MLP, "bert": TinyBert, "skip": SkipNet, "multi": MultiInput, "scaled": ScaledMLP,
+            "gated": GatedMLP}[name]()
 
 
 def global_batch(name: str, batch: int, seed: int) -> list[torch.Tensor]:
     """A deterministic global batch for model `name`."""
     g = torch.Generator().manual_seed(seed)
-    if name in ("mlp", "scaled"):
+    if name in ("mlp", "scaled", "gated"):
         return [torch.randn(batch, 16, generator=g), torch.randn(batch, generator=g)]
     if name == "bert":
         ids = torch.randint(0, 32, (batch, 8), generator=g)
