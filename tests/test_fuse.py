@@ -13,6 +13,7 @@ from rannc.config import RannConfig
 from rannc.deploy import capture_blocks
 from rannc.graph.capture import capture
 from rannc.graph.fuse import LINEAR, fuse_sibling_linears
+from rannc.profile.estimate import DEVICES, estimate_profiles
 
 import rannc_models
 
@@ -140,3 +141,19 @@ def test_the_multi_rank_equivalence_models_include_a_fused_group():
     branches' first linears fused, that covers the fused graph cut into stages, sent between ranks and stepped."""
     captured = capture(rannc_models.ForkJoinModel(), (torch.randn(4, 10),))
     assert fuse_sibling_linears(captured.gm) == [("model.left1.weight", "model.right.weight")]
+
+
+def test_estimated_profiles_price_the_fused_graph_as_the_unfused_one():
+    """The dry run's estimate counts the work and activations of each sample: the stacked weights (computed from
+    parameters alone) and the split's pieces (aliases of the wide result) add none, so fusing moves neither."""
+    def estimate(config):
+        torch.manual_seed(0)
+        captured, lin, blocks = capture_blocks(Siblings(), _batch(4, 0), config)
+        blocks_ = estimate_profiles(captured, lin, blocks, DEVICES["h100"]).blocks
+        return (sum(b.activation_bytes.per_sample for b in blocks_), sum(b.fwd_ms.per_sample for b in blocks_),
+                sum(b.fwd_ms.fixed for b in blocks_))
+
+    fused_act, fused_fwd, fused_overhead = estimate(RannConfig())
+    plain_act, plain_fwd, plain_overhead = estimate(RannConfig(fuse_linears=False))
+    assert fused_act == pytest.approx(plain_act) and fused_fwd == pytest.approx(plain_fwd)
+    assert fused_overhead < plain_overhead     # fewer operations launched

@@ -4,6 +4,7 @@ profile here."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,12 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
     """A ProfileSet from FLOPs and sizes: time = FLOPs / (peak x efficiency) + per-op overhead, backward
     twice the forward; activations = every intermediate kept for backward (an upper bound)."""
     batch = _example_batch(captured)
+    per_sample = _per_sample_nodes(captured.gm.graph)
     profiles = []
     for k in range(blocks.count):
         start, end = blocks.positions(k, k + 1)
-        nodes = lin.compute_nodes[start:end]
+        block_nodes = lin.compute_nodes[start:end]
+        nodes = [n for n in block_nodes if n in per_sample]
         flops = sum(node_flops(n) for n in nodes) / batch
         fwd_per_sample = flops / (spec.peak_flops * spec.efficiency) * 1e3
         overhead = spec.op_overhead_ms * len(nodes)
@@ -61,7 +64,7 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
         if end < lin.size:
             out = sum(_bytes(n, activation_bytes_per_element) for n in lin.crossing[end] if is_tensor_value(n)) / batch
         names = []
-        for node in nodes:
+        for node in block_nodes:
             for arg in node.all_input_nodes:
                 if arg.op == "get_attr":
                     names.append(captured.tensor_names.get(id(_attr(captured.gm, arg.target)), arg.target))
@@ -75,6 +78,26 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
                       p2p_latency_ms=0.02, allreduce_bytes_per_ms=spec.link_bytes_per_ms,
                       allreduce_latency_ms=0.05, measured=False,
                       update=estimate_update(spec.memory_bytes_per_ms, spec.op_overhead_ms))
+
+
+def _per_sample_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The compute nodes whose work and memory grow with the batch: not those computed from parameters and
+    constants alone (the stacked weight of fused linears, rannc.graph.fuse: a per-step copy that compile folds
+    into the weights' autocast cast), nor the pieces of a view op's several results (a split's getitems alias
+    the result they split, which is counted once)."""
+    weight_only: set[fx.Node] = set()
+    chosen: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            weight_only.add(node)
+        elif node.op == "call_function":
+            inputs = node.all_input_nodes
+            if inputs and all(n in weight_only for n in inputs):
+                weight_only.add(node)
+            elif not (node.target is operator.getitem and inputs
+                      and isinstance(inputs[0].target, torch._ops.OpOverload) and inputs[0].target.is_view):
+                chosen.add(node)
+    return chosen
 
 
 def _example_batch(captured: CapturedGraph) -> int:
