@@ -162,15 +162,10 @@ def kernel_time(parts: tuple, steps: int, top: int = 12) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not e.name.startswith("Optimizer.")]   # the optimizer's own annotation spans its kernels
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy_us, open_start, open_end = 0, None, None
-    for start, end in spans:
-        if open_end is None or start > open_end:
-            busy_us += 0 if open_end is None else open_end - open_start
-            open_start, open_end = start, end
-        else:
-            open_end = max(open_end, end)
-    busy_us += 0 if open_end is None else open_end - open_start
+    busy_us, reach = 0.0, float("-inf")   # each kernel adds what it runs beyond those started before it
+    for start, end in sorted((e.time_range.start, e.time_range.end) for e in kernels):
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         entry = by_name.setdefault(e.name[:80], [0, 0.0])

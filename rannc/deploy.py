@@ -20,7 +20,7 @@ import torch.nn as nn
 from rannc import dist as rdist
 from rannc.config import RannConfig, compiles
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
-from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device
+from rannc.graph.capture import CapturedGraph, _attr, capture, preserved_state, retarget_device
 from rannc.graph.compiled import CompiledModule
 from rannc.graph.fuse import fingerprint_after, fuse_sibling_linears
 from rannc.graph.signature import CallSignature
@@ -344,7 +344,8 @@ def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig, 
         if fused:
             captured.fingerprint = fingerprint_after(captured.fingerprint, fused)
             logger.info("Fused %d groups of sibling linears into one product each (fuse_linears), e.g. %s",
-                        len(fused), ", ".join(name.removeprefix("model.") for name in fused[0]))
+                        len(fused), ", ".join(captured.tensor_names.get(id(_attr(captured.gm, target)), target)
+                                              for target in fused[0]))
     lin = linearize(captured)
     return captured, lin, make_blocks(lin, config.max_blocks)
 

@@ -23,7 +23,6 @@ both save a cast copy, of the same size.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import operator
 
@@ -123,9 +122,13 @@ def _fuse(graph: fx.Graph, members: list[fx.Node]) -> bool:
         return False
     if not all(_readers_accept(m, piece) for m, piece in zip(members, pieces)):
         return False
-    order = {node: k for k, node in enumerate(graph.nodes)}
+    later = set()                          # attributes read first by a later member: they lie within the group
+    node = first.next
+    while node is not members[-1]:
+        later.add(node)
+        node = node.next
     for attr in weights + biases:          # the stacked weight is read where the first linear was
-        if order[attr] > order[first]:
+        if attr in later:
             first.prepend(attr)
     with graph.inserting_before(first):
         weight = graph.call_function(CAT, (weights, 0))
@@ -178,14 +181,10 @@ def _readers_accept(node: fx.Node, value: torch.Tensor) -> bool:
                 return False
             if not op.is_view:
                 continue        # aten's computing ops read any strides
-            args, kwargs = fx.node.map_arg((user.args, user.kwargs),
-                                           functools.partial(_value, current, current_value))
+            args, kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a, c=current, v=current_value:
+                                           v if a is c else a.meta.get("val"))
             try:
                 pending.append((user, op(*args, **kwargs)))
             except Exception:   # e.g. view() across the piece's stride
                 return False
     return True
-
-
-def _value(replaced: fx.Node, replacement: torch.Tensor, node: fx.Node):
-    return replacement if node is replaced else node.meta.get("val")
