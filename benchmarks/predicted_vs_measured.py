@@ -9,7 +9,8 @@ Each rank runs one thread on the CPU (profiling and training alike), so that two
 what they were profiled at. A step is what a training loop does: forward, backward, clipping by the global
 norm and the optimizer step. Every contender plans on one profile (measured once in the launch), and the
 steps are timed in turns over the contenders (--steps_per_turn steps each after an untimed one, so that a
-contender's caches are warm), so that the machine's drift reaches every contender alike. Prints one row per
+contender's caches are warm), so that the machine's drift reaches every contender alike; each turn starts one
+contender later than the one before, so that no contender always runs after the same one. Prints one row per
 schedule: plan, predicted and measured ms (median and quartiles), their ratio; for `auto` whether it chose
 the fastest measured, and against each other contender, turn by turn, whether it is slower beyond the noise
 (`paired_verdict`: schedules a few percent apart on two shared cores are not told apart by their medians alone).
@@ -122,9 +123,9 @@ def main() -> None:
     turns = -(-args.steps // args.steps_per_turn)
     per_turn: list[list[list[float]]] = [[[] for _ in range(turns)] for _ in specs]
     for turn in range(turns):
-        for k, contender in enumerate(contenders):
+        for k in [(turn + i) % len(contenders) for i in range(len(contenders))]:
             for step in range(args.steps_per_turn + 1):   # the first step of a turn warms the caches up
-                ms = timed_step(contender, device)
+                ms = timed_step(contenders[k], device)
                 if step and turn * args.steps_per_turn + step <= args.steps:
                     per_turn[k][turn].append(ms)
     times = [[ms for turn in turns_of for ms in turn] for turns_of in per_turn]

@@ -3,7 +3,8 @@ batch): losses, gradients after each backward, parameters after several optimize
 under torch.no_grad(); with the tied embedding of the tiny BERT on different ranks, gradient accumulation
 with a delayed and with an immediate all-reduce, and a forward in grad mode never followed by a backward
 (it must leave the gradients as they were). Each rank also counts the activation sets it holds at once:
-never more than the simulator reads off the schedule's lists."""
+never more than the simulator reads off the schedule's lists; and under gloo its receives are posted ahead
+of the actions that take them (in the order they are sent, or the values would be another micro-batch's)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def _train(rank, world, name, stages, schedule, virtual, accumulation, delay, st
         held = wrapped._engine.runtime.peak_held
         if held > simulated:
             errors["held activations"] = float(held - simulated)
+        if wrapped._engine.runtime.received_ahead == 0:   # every stage of a pipeline receives something
+            errors["receives posted ahead (gloo)"] = 1.0
     return errors, shape
 
 

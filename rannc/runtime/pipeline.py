@@ -5,6 +5,14 @@ backward actions with gradients flowing the other way.
 
 Shapes and dtypes of the values sent depend on the micro-batch size and on autocast; the sender sends
 them once per such combination as a small header, and both sides cache it.
+
+Under gloo a message moves only once its receive is posted (the sender waits for the receiver's notice), so a
+receive posted when its action starts would keep the whole transfer on the receiver's critical path. There
+every receive whose shape is known is posted ahead, in the order the actions receive (messages between two
+ranks are matched in posting order), and the transfer runs while the rank computes: the step the planner's
+simulator prices, where a message travels from the moment it is sent. NCCL queues receives on the device as
+the host reaches them, ahead of the device's work, and posting them earlier could hold a pair's send behind a
+receive on the same stream, so there receives are posted in place.
 """
 
 from __future__ import annotations
@@ -85,11 +93,14 @@ class StageRuntime:
     trace: list | None = None      # Chrome trace events (host-side times) when trace_events is on
     trace_pid: int = 0
     peak_held: int = 0             # most (micro-batch, piece) activation sets held at once so far
+    received_ahead: int = 0        # tensors that arrived through a receive posted ahead (gloo), so far
     _recv_meta: dict = field(default_factory=dict)
     _sent_meta: set = field(default_factory=set)
     _saved: dict[tuple[int, int], _Saved] = field(default_factory=dict)
     _weights: dict[tuple[int, int], WeightGradient] = field(default_factory=dict)
     _pending_sends: list = field(default_factory=list)
+    _posted: dict[Action, list] = field(default_factory=dict)   # receives posted ahead: (work, buffer) in order
+    _post_ahead: bool | None = None                              # gloo: receives are posted ahead
 
     @property
     def stage(self) -> StageGraph:
@@ -107,7 +118,12 @@ class StageRuntime:
         `output_grads(outputs, chunk)` (None where an output has none). Returns (chunk, outputs) of the last
         piece's forwards. Sends are asynchronous, so neighbours never wait on each other's sends."""
         results: list[tuple[Chunk, tuple]] = []
-        for action in actions:
+        if self._post_ahead is None:
+            self._post_ahead = dist.is_initialized() and dist.get_backend(self.forward_group) == "gloo"
+        posted_to = 0   # the actions before it have their receives posted, or done
+        for i, action in enumerate(actions):
+            if self._post_ahead:
+                posted_to = self._post_receives(actions, i, max(posted_to, i), layouts, key)
             started = time.perf_counter()
             if action.kind == "F":
                 self._forward_one(action, layouts[action.stage], inputs, key, results)
@@ -120,6 +136,71 @@ class StageRuntime:
         self.wait_sends()
         return results
 
+    # ---- receives posted ahead (gloo) ------------------------------------------------------------------
+    def _post_receives(self, actions: list[Action], running: int, start: int, layouts: list[PieceLayout],
+                       key: tuple) -> int:
+        """Post the receives of actions[start:] in order, up to the first whose shapes are not known yet (a
+        first header, or gradients of a forward not run yet), which receives in place when it runs. Returns
+        the index of that action, or the one after it if it is actions[running], about to run: its receives
+        are then done before any later one is posted."""
+        for index in range(start, len(actions)):
+            action = actions[index]
+            wanted = self._receives_of(action, layouts, key)
+            if wanted is None:
+                return index + 1 if index == running else index
+            if wanted and action not in self._posted:
+                self._posted[action] = []
+                for shape, dtype, src, group in wanted:
+                    buf = torch.empty(shape, dtype=dtype, device=self.device)
+                    self._posted[action].append((dist.irecv(buf, src, group=group), buf))
+        return len(actions)
+
+    def _receives_of(self, action: Action, layouts: list[PieceLayout], key: tuple) -> list[tuple] | None:
+        """What `action` receives, in the order it receives it: (shape, dtype, source rank, group) per tensor;
+        None while a shape is not known."""
+        piece = self.pieces[action.stage]
+        if action.kind == "BW":
+            return []
+        if action.kind == "F":
+            if not piece.stage.received:
+                return []
+            layout = layouts[action.stage]
+            chunk = layout.chunks[action.microbatch]
+            mb_key = (action.stage, chunk.rows) + key
+            wanted = []
+            for route in layout.sources[action.microbatch]:
+                metas = self._recv_meta.get((mb_key, route.rank, route.stop - route.start))
+                if metas is None:
+                    return None
+                wanted += [(meta.shape, meta.dtype, route.rank, self.forward_group) for meta in metas]
+            return wanted
+        if piece.stage.is_last:
+            return []
+        saved = self._saved.get((action.microbatch, action.stage))
+        if saved is None:
+            return None
+        wanted = []
+        for k, o in enumerate(saved.outputs):
+            if o.requires_grad:
+                factor = piece.stage.sent_rows[k]
+                wanted += [(_rows(o, factor, route, saved.chunk).shape, o.dtype, route.rank, self.gradient_group)
+                           for route in saved.targets if factor != ROWS_NONE or route.primary]
+        return wanted
+
+    def _received(self, posted: list | None, shape, dtype: torch.dtype, src: int, group) -> torch.Tensor:
+        """The next tensor of an action's receives: its posted receive, waited for, or a receive in place."""
+        if posted:
+            work, buf = posted.pop(0)
+            if buf.shape != shape or buf.dtype != dtype:
+                raise RuntimeError(f"rannc: a receive posted ahead from rank {src} holds {tuple(buf.shape)} "
+                                   f"{buf.dtype} where {tuple(shape)} {dtype} is due; this is a rannc bug")
+            work.wait()
+            self.received_ahead += 1
+            return buf
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src, group=group)
+        return buf
+
     # ---- forward -------------------------------------------------------------------------------------
     def _forward_one(self, action: Action, layout: PieceLayout, inputs: list[torch.Tensor], key: tuple,
                      results: list) -> None:
@@ -128,7 +209,7 @@ class StageRuntime:
         mb = action.microbatch
         chunk, sources, targets = layout.chunks[mb], layout.sources[mb], layout.targets[mb]
         mb_key = (action.stage, chunk.rows) + key
-        received = self._receive_values(piece, sources, mb_key, grad)
+        received = self._receive_values(piece, sources, mb_key, grad, self._posted.pop(action, None))
         args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
                            for i in piece.stage.inputs]
         if piece.recompute and grad:
@@ -142,7 +223,8 @@ class StageRuntime:
         if grad:
             self._saved[mb, action.stage] = _Saved(received, outputs, chunk, sources, targets)
 
-    def _receive_values(self, piece: Piece, sources: list[Route], mb_key: tuple, grad: bool) -> list[torch.Tensor]:
+    def _receive_values(self, piece: Piece, sources: list[Route], mb_key: tuple, grad: bool,
+                        posted: list | None) -> list[torch.Tensor]:
         """The values crossing the piece's first cut, assembled from the rows each source sends (a value
         not cut by rows is taken from the first source)."""
         count = len(piece.stage.received)
@@ -159,8 +241,7 @@ class StageRuntime:
                 metas = [_decode(row) for row in header.tolist()]
                 self._recv_meta[meta_key] = metas
             for k, meta in enumerate(metas):
-                buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-                dist.recv(buf, route.rank, group=self.forward_group)
+                buf = self._received(posted, meta.shape, meta.dtype, route.rank, self.forward_group)
                 needs_grad[k] = meta.requires_grad
                 if piece.stage.received_rows[k] != ROWS_NONE or route.primary:
                     parts[k].append(buf)
@@ -208,10 +289,11 @@ class StageRuntime:
                     tensors.append(o)
                     grads.append(g.to(o.device, o.dtype).reshape(o.shape))
         else:
+            posted = self._posted.pop(action, None)
             for k, o in enumerate(saved.outputs):
                 if o.requires_grad:
                     tensors.append(o)
-                    grads.append(self._receive_grad(o, piece.stage.sent_rows[k], saved))
+                    grads.append(self._receive_grad(o, piece.stage.sent_rows[k], saved, posted))
         senders = [(k, r) for k, r in enumerate(saved.received) if r.requires_grad]
         if action.kind == "BI":
             input_grads, self._weights[where] = backward_input(tensors, grads, [r for _, r in senders], piece.params)
@@ -230,16 +312,15 @@ class StageRuntime:
                 if factor != ROWS_NONE or route.primary:
                     self._isend(_rows(g, factor, route, saved.chunk).contiguous(), route.rank, self.gradient_group)
 
-    def _receive_grad(self, output: torch.Tensor, factor: int, saved: _Saved) -> torch.Tensor:
+    def _receive_grad(self, output: torch.Tensor, factor: int, saved: _Saved, posted: list | None) -> torch.Tensor:
         """The gradient of one sent value: the rows each receiver sends back, or for a value not cut by
         rows the sum of what the receivers it was the first source of send (zeros if none)."""
         parts = []
         for route in saved.targets:
             if factor == ROWS_NONE and not route.primary:
                 continue
-            buf = torch.empty_like(_rows(output, factor, route, saved.chunk), memory_format=torch.contiguous_format)
-            dist.recv(buf, route.rank, group=self.gradient_group)
-            parts.append(buf)
+            parts.append(self._received(posted, _rows(output, factor, route, saved.chunk).shape, output.dtype,
+                                        route.rank, self.gradient_group))
         if factor == ROWS_NONE:
             return torch.stack(parts).sum(0) if len(parts) > 1 else (parts[0] if parts else torch.zeros_like(output))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -252,6 +333,7 @@ class StageRuntime:
     def clear(self) -> None:
         self._saved.clear()
         self._weights.clear()
+        self._posted.clear()
 
 
 def _first_run_then_recompute(module):
