@@ -121,18 +121,24 @@ class StageRuntime:
         if self._post_ahead is None:
             self._post_ahead = dist.is_initialized() and dist.get_backend(self.forward_group) == "gloo"
         posted_to = 0   # the actions before it have their receives posted, or done
-        for i, action in enumerate(actions):
-            if self._post_ahead:
-                posted_to = self._post_receives(actions, i, max(posted_to, i), layouts, key)
-            started = time.perf_counter()
-            if action.kind == "F":
-                self._forward_one(action, layouts[action.stage], inputs, key, results)
-            elif action.kind == "BW":
-                self._weights.pop((action.microbatch, action.stage)).run()
-            else:
-                self._backward_one(action, output_grads)
-            self.peak_held = max(self.peak_held, len(self._saved) + len(self._weights))
-            self._record(action, started)
+        try:
+            for i, action in enumerate(actions):
+                if self._post_ahead:
+                    posted_to = self._post_receives(actions, i, max(posted_to, i), layouts, key)
+                started = time.perf_counter()
+                if action.kind == "F":
+                    self._forward_one(action, layouts[action.stage], inputs, key, results)
+                elif action.kind == "BW":
+                    self._weights.pop((action.microbatch, action.stage)).run()
+                else:
+                    self._backward_one(action, output_grads)
+                self.peak_held = max(self.peak_held, len(self._saved) + len(self._weights))
+                self._record(action, started)
+        except BaseException:
+            # receives still posted hold gloo's connections open past the process group's destruction, and
+            # the peers would learn of this rank's failure only when its process ends
+            self._posted.clear()
+            raise
         self.wait_sends()
         return results
 
