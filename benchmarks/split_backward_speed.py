@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bert.modeling import BertConfig, BertLayer  # noqa: E402
 from rannc.profile.profiler import sync_device  # noqa: E402
-from rannc.runtime.split_backward import backward_input  # noqa: E402
+from rannc.split_backward import backward_input  # noqa: E402
 
 
 def main() -> None:

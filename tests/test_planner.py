@@ -233,6 +233,41 @@ def test_hops_between_ranks_are_priced_and_can_outweigh_interleaving(tmp_path):
     assert Deployment.load(tmp_path / "d.json").p2p_hop_ms == 2.0
 
 
+def test_split_backward_is_priced_at_the_shares_the_profile_measured(tmp_path):
+    """The profiler times the split backward (BI, BW) of a few blocks; zb_h1's plan prices BI and BW at those
+    shares of the backward (the fixed SPLIT_BACKWARD where a profile has none, as older ones), and its
+    deployment keeps them, so that its report and picture simulate what the planner did."""
+    from rannc.graph.blocks import linearize, make_blocks
+    from rannc.graph.capture import capture
+    from rannc.profile.profiler import profile_blocks
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(64, 1))
+    inputs = (torch.randn(32, 64),)
+    captured = capture(model, inputs)
+    lin = linearize(captured)
+    _, calibration = profile_blocks(captured, lin, make_blocks(lin, 4), list(inputs), [8, 16],
+                                    torch.device("cpu"), repeats=2, show_progress=False)
+    shares = calibration.split_backward
+    assert set(shares) == {"BI", "BW"} and all(0.05 < v < 5.0 for v in shares.values()), shares
+
+    items = dict(partition_num=4, min_pipeline=4, max_pipeline=4, mem_margin=0.0)
+    steps, simulated = {}, {}
+    for measured in ({}, {"BI": 0.4, "BW": 0.6}, {"BI": 0.8, "BW": 1.0}):
+        profile = _pipeline_bound_profile()
+        profile.calibration.split_backward = dict(measured)
+        deployment = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="zb_h1", **items), "f")
+        assert deployment.split_backward == measured
+        steps[tuple(measured.values())] = deployment.predicted_step_ms
+        simulated[tuple(measured.values())] = simulate_deployment(deployment).step_ms
+    assert steps[()] == pytest.approx(steps[(0.8, 1.0)])          # no measurement: the fixed shares
+    assert steps[(0.4, 0.6)] < 0.9 * steps[(0.8, 1.0)]             # a cheaper split, a shorter step
+    assert simulated[(0.4, 0.6)] < 0.9 * simulated[(0.8, 1.0)]     # the report's simulation as the planner's
+    deployment.save(tmp_path / "d.json")
+    assert Deployment.load(tmp_path / "d.json").split_backward == {"BI": 0.8, "BW": 1.0}
+
+
 def test_virtual_stages_cut_the_model_into_pieces_placed_round_robin(tmp_path):
     profile = _profile(blocks=8, param_bytes=4 * GB, memory=80 * GB)   # 2 pieces of 2 blocks (32 GB) per rank
     d = plan(profile, _bounds(8), 4, 64, RannConfig(schedule="interleaved_1f1b", virtual_stages=2, partition_num=2,

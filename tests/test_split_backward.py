@@ -1,4 +1,4 @@
-"""Split backward for the zero-bubble schedules (rannc.runtime.split_backward): BI (input gradients) then
+"""Split backward for the zero-bubble schedules (rannc.split_backward): BI (input gradients) then
 BW (weight gradients) gives the input gradients and every parameter's .grad of a plain
 torch.autograd.backward on an identical copy of the stage, for chains, tied weights, first stages, unused
 inputs, outputs and parameters, accumulation over micro-batches run in schedule order, autocast and
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rannc.runtime.split_backward import WeightGradient, backward_input
+from rannc.split_backward import WeightGradient, backward_input
 
 Forward = Callable[[nn.Module, list[torch.Tensor]], list[torch.Tensor]]
 

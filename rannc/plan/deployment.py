@@ -54,6 +54,7 @@ class Deployment:
     candidates_considered: int = 0
     virtual_stages: int = 1        # model pieces per pipeline rank: `stages` lists pipeline_depth x this many
     p2p_hop_ms: float = 0.0        # each hop of a micro-batch between ranks waits this long (ProfileSet's)
+    split_backward: dict = dataclasses.field(default_factory=dict)   # BI, BW: shares of a backward (the profile's)
 
     @property
     def replicas(self) -> int:

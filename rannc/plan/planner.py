@@ -35,9 +35,10 @@ logger = logging.getLogger("rannc.planner")
 SIMPLER_PLAN_MARGIN = 0.03
 SCHEDULE_ORDER = ("gpipe", "1f1b", "zb_h1", "interleaved_1f1b")   # simplest first: ties go to the earlier
 CLOSED_FORM = ("gpipe", "1f1b")   # schedules whose step the cost model's formula gives (equal slots: exactly)
-SPLIT_BACKWARD = {"BI": 0.8, "BW": 1.0}   # a split backward's parts as shares of the whole backward: measured
-                                         # on one H200 for BERT-large layers (0.80 / 1.12 at 8 rows, 0.81 / 1.00
-                                         # at 64; benchmarks/split_backward_speed.py), not yet profiled per model
+SPLIT_BACKWARD = {"BI": 0.8, "BW": 1.0}   # a split backward's parts as shares of the whole backward where the
+                                         # profile has none (Calibration.split_backward): measured on one H200
+                                         # for BERT-large layers (0.80 / 1.12 at 8 rows, 0.81 / 1.00 at 64;
+                                         # benchmarks/split_backward_speed.py)
 MAX_TAIL_THRESHOLDS = 256      # per (replicas, micro-batches): far above what real profiles need
 
 
@@ -367,7 +368,7 @@ def _best_splits(costs: CostModel, tables: list[RangeTable], counts: list[int], 
         if cand.stage_count > 1 and (schedule not in CLOSED_FORM or hop_ms > 0):
             if _busiest_rank_ms(cand) >= limit:
                 continue      # even without a bubble it could not be chosen: not worth simulating
-            cand.step_ms = simulated_step(cand, schedule, hop_ms)
+            cand.step_ms = simulated_step(cand, schedule, hop_ms, costs.profile.calibration.split_backward)
         results.append(cand)
     return results, need
 
@@ -395,16 +396,19 @@ def _ranges(cuts: list[np.ndarray], stage_count: int, n: int) -> list[tuple[int,
     return ranges
 
 
-def action_costs(fwd_ms: list[float], bwd_ms: list[float], depth: int):
+def action_costs(fwd_ms: list[float], bwd_ms: list[float], depth: int, split_shares: dict | None = None):
     """Per-action durations for the simulator from each piece's forward (with its send) and backward (with
-    its gradients' send; BI and BW take their shares of it)."""
+    its gradients' send; BI and BW take their shares of it: `split_shares` as the profile measured them, else
+    SPLIT_BACKWARD)."""
+    shares = split_shares or SPLIT_BACKWARD
+
     def cost(stage: int, action) -> float:
         piece = action.stage * depth + stage
         if action.kind == "F":
             return fwd_ms[piece]
         if action.kind == "B":
             return bwd_ms[piece]
-        return SPLIT_BACKWARD[action.kind] * bwd_ms[piece]
+        return shares[action.kind] * bwd_ms[piece]
     return cost
 
 
@@ -420,15 +424,15 @@ def _busiest_rank_ms(cand: Candidate) -> float:
     return max(busy) + max(_rank_tails(cand))
 
 
-def simulated_step(cand: Candidate, schedule: str, hop_ms: float = 0.0) -> float:
+def simulated_step(cand: Candidate, schedule: str, hop_ms: float = 0.0, split_shares: dict | None = None) -> float:
     """The candidate's step by simulating its schedule (each hop of a micro-batch between ranks waiting
-    `hop_ms`), plus the longest rank's tail (a rank's pieces' optimizer, clipping and exposed all-reduce, one
-    after another)."""
+    `hop_ms`, a split backward's parts priced at `split_shares`), plus the longest rank's tail (a rank's
+    pieces' optimizer, clipping and exposed all-reduce, one after another)."""
     depth, v = cand.stage_count, cand.virtual_stages
     lists = get_schedule(schedule)(depth, cand.microbatches, v)
     fwd = [c.fwd_ms + c.send_ms for c in cand.costs]
     bwd = [c.bwd_ms + c.grad_send_ms for c in cand.costs]
-    return simulate(lists, action_costs(fwd, bwd, depth), hop_ms).step_ms + max(_rank_tails(cand))
+    return simulate(lists, action_costs(fwd, bwd, depth, split_shares), hop_ms).step_ms + max(_rank_tails(cand))
 
 
 def choose(candidates: list[Candidate]) -> Candidate:
@@ -462,14 +466,15 @@ def plan(profile: ProfileSet, blocks: Blocks, world_size: int, batch_size: int, 
             f"Use more devices, a smaller batch, a larger max_pipeline, or raise mem_limit_gb.")
     chosen = choose(found)
     deployment = to_deployment(chosen, blocks, world_size, batch_size, cap, fingerprint, chosen.schedule,
-                               profile.p2p_hop_ms)
+                               profile.p2p_hop_ms, profile.calibration.split_backward)
     deployment.planning_s = time.perf_counter() - started
     deployment.candidates_considered = len(found)
     return deployment
 
 
 def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size: int, cap: int,
-                  fingerprint: str, schedule: str, hop_ms: float = 0.0) -> Deployment:
+                  fingerprint: str, schedule: str, hop_ms: float = 0.0,
+                  split_shares: dict | None = None) -> Deployment:
     depth = chosen.stage_count
     counts = chosen.stage_replicas or (chosen.replicas,) * depth
     first = [sum(counts[:k]) for k in range(depth)]
@@ -484,7 +489,8 @@ def to_deployment(chosen: Candidate, blocks: Blocks, world_size: int, batch_size
     deployment = Deployment(fingerprint=fingerprint, world_size=world_size, batch_size=batch_size,
                             microbatch_count=chosen.microbatches, stages=stages, block_bounds=list(blocks.bounds),
                             predicted_step_ms=chosen.step_ms, memory_limit_bytes=cap, schedule=schedule,
-                            virtual_stages=chosen.virtual_stages, p2p_hop_ms=hop_ms)
+                            virtual_stages=chosen.virtual_stages, p2p_hop_ms=hop_ms,
+                            split_backward=dict(split_shares or {}))
     deployment.bubble_fraction = simulated_bubble(deployment)
     return deployment
 
@@ -498,7 +504,7 @@ def simulate_deployment(deployment: Deployment):
                                                                        deployment.virtual_stages)
     fwd = [st.fwd_ms + st.send_ms for st in deployment.stages]
     bwd = [st.bwd_ms + st.grad_send_ms for st in deployment.stages]
-    return simulate(lists, action_costs(fwd, bwd, depth), deployment.p2p_hop_ms)
+    return simulate(lists, action_costs(fwd, bwd, depth, deployment.split_backward), deployment.p2p_hop_ms)
 
 
 def simulated_bubble(deployment: Deployment) -> float:

@@ -7,6 +7,7 @@ block's parameters to the device at a time, so a model larger than one device ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from rannc.graph.capture import CapturedGraph, named_graph_tensors
 from rannc.graph.compiled import CompiledModule
 from rannc.graph.stage import build_stage
 from rannc.profile.profiles import BlockProfile, Calibration, Linear, ProfileSet, UpdateProfile
+from rannc.split_backward import backward_input
 from rannc.version import __version__
 
 
@@ -98,6 +100,7 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
         {"fwd": [], "bwd": [], "act": [], "out": []} for _ in stages]
     runs = []
     compiled_runs: list[tuple[float, float, float, float]] = []   # eager fwd, compiled fwd, eager bwd, compiled bwd
+    split_at: tuple | None = None   # the values entering block 1 and the batch, at the largest size
     # Runs inside the caller's first forward, often under its own progress bar: leave=False removes this
     # inner bar when done, and disable=None turns it off when stderr is not a terminal, so redirected logs
     # get no carriage-return redraws (tqdm.notebook still shows it).
@@ -113,6 +116,8 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
                 at_start[k] = dict(values)
             fwd_ms, bwd_ms, act, outs, _ = _profile_one(stage, stage.module, values, batch, device, repeats,
                                                         autocast_dtype)
+            if size == max(sizes) and k == 1:
+                split_at = (dict(values), batch)
             m = measured[k]
             m["fwd"].append((size, fwd_ms))
             m["bwd"].append((size, bwd_ms))
@@ -157,6 +162,9 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
                                      activation_bytes=Linear.fit(m["act"]), out_bytes=Linear.fit(m["out"]),
                                      tensors=names, label=_label(stage)))
     calibration = calibrate(runs)
+    if split_at is not None:
+        calibration.split_backward = _split_shares(captured, lin, blocks, windows, *split_at, device, repeats,
+                                                   autocast_dtype)
     if compile_blocks:
         fwd, bwd = compiled_scale(profiles, calibration, compiled_runs)
         if compiled_runs:
@@ -230,18 +238,76 @@ def _label(stage) -> str:
     return ""
 
 
-def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
-    """Forward and backward time of one block (or run of blocks), with its parameters on the device for the
-    measurement (the median of `repeats` runs after a warm-up; the fastest run, tried for the runs of many
-    blocks, predicted the 4.9B model's step 8-9% short on one H200); also the bytes saved for backward, the
-    outputs, and on CUDA the peak memory above what was allocated before the first run (gradients not yet
-    there) and before the later runs (gradients there)."""
+def _split_shares(captured, lin, blocks, windows, values, batch, device, repeats, autocast_dtype) -> dict:
+    """BI and BW as shares of the whole backward, timed on the run of blocks from block 1 to the end of the
+    run of blocks holding it (a stage's worth of blocks that fits the device, receiving values as a stage
+    does); empty where nothing splits."""
+    end = next((e for first, e in windows if first <= 1 < e), 2)
+    run = build_stage(captured, lin, blocks.bounds[1], blocks.bounds[end])
+    split = _split_backward_ms(run, values, batch, device, repeats, autocast_dtype)
+    if split is None:
+        return {}
+    bwd_ms = _profile_one(run, run.module, values, batch, device, repeats, autocast_dtype)[1]
+    return {"BI": split[0] / bwd_ms, "BW": split[1] / bwd_ms} if bwd_ms > 0 else {}
+
+
+@contextlib.contextmanager
+def _on_device(stage, device: torch.device):
+    """The stage's parameters and buffers on `device` for a measurement, where they were before after it."""
     moved = []
     for t in stage.tensors():
         if t.device != device:
             moved.append((t, t.data))
             t.data = t.data.to(device)
     try:
+        yield
+    finally:
+        for t, data in moved:
+            t.data = data
+
+
+def _split_backward_ms(stage, values, batch, device, repeats, autocast_dtype) -> tuple[float, float] | None:
+    """The backward of a run of blocks split as the zero-bubble schedules run it (rannc.split_backward): the
+    inputs' gradients (BI) and the weights' (BW), medians of `repeats` runs after a warm-up, eager. None where
+    nothing splits: no received value or no parameter needs a gradient."""
+    with _on_device(stage, device):
+        received = [values[name].detach().requires_grad_(values[name].is_floating_point())
+                    for name in stage.received]
+        inputs = [r for r in received if r.requires_grad]
+        params = [p for p in stage.parameters() if p.requires_grad]
+        if not inputs or not params:
+            return None
+        args = received + [batch[i] for i in stage.inputs]
+        bi_times, bw_times = [], []
+        for rep in range(repeats + 1):
+            with _autocast(device, autocast_dtype):
+                outs = stage.module(*args)
+            diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not diff:
+                return None
+            sync_device(device)
+            t0 = time.perf_counter()
+            _, weights = backward_input(diff, [torch.ones_like(o) for o in diff], inputs, params)
+            sync_device(device)
+            t1 = time.perf_counter()
+            weights.run()
+            sync_device(device)
+            t2 = time.perf_counter()
+            if rep:  # the first run warms up
+                bi_times.append((t1 - t0) * 1e3)
+                bw_times.append((t2 - t1) * 1e3)
+        for t in stage.parameters():
+            t.grad = None
+        return statistics.median(bi_times), statistics.median(bw_times)
+
+
+def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
+    """Forward and backward time of one block (or run of blocks), with its parameters on the device for the
+    measurement (the median of `repeats` runs after a warm-up; the fastest run, tried for the runs of many
+    blocks, predicted the 4.9B model's step 8-9% short on one H200); also the bytes saved for backward, the
+    outputs, and on CUDA the peak memory above what was allocated before the first run (gradients not yet
+    there) and before the later runs (gradients there)."""
+    with _on_device(stage, device):
         received = []
         for name in stage.received:
             v = values[name]
@@ -286,9 +352,6 @@ def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
         fwd_ms, bwd_ms = statistics.median(fwd_times), statistics.median(bwd_times)
         outs = [o.detach() if isinstance(o, torch.Tensor) else o for o in outs]
         return fwd_ms, bwd_ms, float(sum(saved.values())), outs, extra
-    finally:
-        for t, data in moved:
-            t.data = data
 
 
 _LINKS: dict[str, dict[str, float]] = {}

@@ -29,8 +29,8 @@ from rannc.graph.compiled import CompiledModule
 from rannc.graph.dropout import recomputing
 from rannc.graph.stage import ROWS_NONE, StageGraph
 from rannc.runtime.chunks import Chunk, Route
-from rannc.runtime.split_backward import WeightGradient, backward_input
 from rannc.schedule import Action
+from rannc.split_backward import WeightGradient, backward_input
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool]
