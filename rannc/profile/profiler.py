@@ -1,5 +1,6 @@
 """Measure every block on this process's device: forward and backward time and the bytes autograd saves
-for backward, at the micro-batch sizes the planner will ask about; and the speed of p2p and all-reduce.
+for backward, at the micro-batch sizes the planner will ask about; runs of blocks timed whole (the
+calibration), including the zero-bubble schedules' split backward; and the speed of p2p and all-reduce.
 
 Blocks run one after another with real inputs (each block's outputs feed the next), moving only one
 block's parameters to the device at a time, so a model larger than one device can still be profiled.
