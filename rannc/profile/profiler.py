@@ -267,18 +267,23 @@ def _on_device(stage, device: torch.device):
             t.data = data
 
 
+def _stage_args(stage, values: dict[str, torch.Tensor], batch: list) -> tuple[list, list]:
+    """The received values as leaves (floating ones requiring grad, as a stage receives them), and the stage's
+    arguments: those, then its inputs from the batch."""
+    received = [values[name].detach().requires_grad_(values[name].is_floating_point()) for name in stage.received]
+    return received, received + [batch[i] for i in stage.inputs]
+
+
 def _split_backward_ms(stage, values, batch, device, repeats, autocast_dtype) -> tuple[float, float] | None:
     """The backward of a run of blocks split as the zero-bubble schedules run it (rannc.split_backward): the
     inputs' gradients (BI) and the weights' (BW), medians of `repeats` runs after a warm-up, eager. None where
     nothing splits: no received value or no parameter needs a gradient."""
     with _on_device(stage, device):
-        received = [values[name].detach().requires_grad_(values[name].is_floating_point())
-                    for name in stage.received]
+        received, args = _stage_args(stage, values, batch)
         inputs = [r for r in received if r.requires_grad]
         params = [p for p in stage.parameters() if p.requires_grad]
         if not inputs or not params:
             return None
-        args = received + [batch[i] for i in stage.inputs]
         bi_times, bw_times = [], []
         for rep in range(repeats + 1):
             with _autocast(device, autocast_dtype):
@@ -309,11 +314,7 @@ def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
     outputs, and on CUDA the peak memory above what was allocated before the first run (gradients not yet
     there) and before the later runs (gradients there)."""
     with _on_device(stage, device):
-        received = []
-        for name in stage.received:
-            v = values[name]
-            received.append(v.detach().requires_grad_(v.is_floating_point()))
-        args = received + [batch[i] for i in stage.inputs]
+        received, args = _stage_args(stage, values, batch)
         saved: dict[int, int] = {}
 
         def pack(t):

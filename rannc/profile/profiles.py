@@ -79,7 +79,8 @@ class Calibration:
     workspace_bytes: float = 0.0
     runs: list = dataclasses.field(default_factory=list)   # (size, blocks, fwd sum, fwd whole, bwd sum, bwd whole)
     # a split backward's parts (zero bubble: "BI" the inputs' gradients, "BW" the weights') as shares of the whole
-    # backward, timed on a few blocks at the largest size; empty where none split (the planner's defaults)
+    # backward, timed on the run of blocks from block 1 at the largest size; empty where nothing splits (the
+    # planner's defaults)
     split_backward: dict = dataclasses.field(default_factory=dict)
 
 

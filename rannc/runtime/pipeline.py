@@ -100,7 +100,10 @@ class StageRuntime:
     _weights: dict[tuple[int, int], WeightGradient] = field(default_factory=dict)
     _pending_sends: list = field(default_factory=list)
     _posted: dict[Action, list] = field(default_factory=dict)   # receives posted ahead: (work, buffer) in order
-    _post_ahead: bool | None = None                              # gloo: receives are posted ahead
+    _post_ahead: bool = field(init=False, default=False)         # gloo: receives are posted ahead
+
+    def __post_init__(self) -> None:
+        self._post_ahead = dist.is_initialized() and dist.get_backend(self.forward_group) == "gloo"
 
     @property
     def stage(self) -> StageGraph:
@@ -118,8 +121,6 @@ class StageRuntime:
         `output_grads(outputs, chunk)` (None where an output has none). Returns (chunk, outputs) of the last
         piece's forwards. Sends are asynchronous, so neighbours never wait on each other's sends."""
         results: list[tuple[Chunk, tuple]] = []
-        if self._post_ahead is None:
-            self._post_ahead = dist.is_initialized() and dist.get_backend(self.forward_group) == "gloo"
         posted_to = 0   # the actions before it have their receives posted, or done
         try:
             for i, action in enumerate(actions):
@@ -175,7 +176,7 @@ class StageRuntime:
             mb_key = (action.stage, chunk.rows) + key
             wanted = []
             for route in layout.sources[action.microbatch]:
-                metas = self._recv_meta.get((mb_key, route.rank, route.stop - route.start))
+                metas = self._recv_meta.get(_meta_key(mb_key, route))
                 if metas is None:
                     return None
                 wanted += [(meta.shape, meta.dtype, route.rank, self.forward_group) for meta in metas]
@@ -239,7 +240,7 @@ class StageRuntime:
         parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
         needs_grad = [False] * count
         for route in sources:
-            meta_key = (mb_key, route.rank, route.stop - route.start)
+            meta_key = _meta_key(mb_key, route)
             metas = self._recv_meta.get(meta_key)
             if metas is None:
                 header = torch.empty(count, _HEADER, dtype=torch.int64, device=self.device)
@@ -262,7 +263,7 @@ class StageRuntime:
     def _send_values(self, piece: Piece, targets: list[Route], chunk: Chunk, mb_key: tuple, outputs: tuple) -> None:
         for route in targets:
             part = [_rows(o, piece.stage.sent_rows[k], route, chunk) for k, o in enumerate(outputs)]
-            meta_key = (mb_key, route.rank, route.stop - route.start)
+            meta_key = _meta_key(mb_key, route)
             if meta_key not in self._sent_meta:
                 header = torch.tensor([_encode(o) for o in part], dtype=torch.int64, device=self.device)
                 self._isend(header, route.rank, self.forward_group)
@@ -356,6 +357,11 @@ def _first_run_then_recompute(module):
             return module(*args)
 
     return run
+
+
+def _meta_key(mb_key: tuple, route: Route) -> tuple:
+    """The key both sides cache a route's header under: the micro-batch's, the peer and the rows it carries."""
+    return mb_key, route.rank, route.stop - route.start
 
 
 def _rows(value: torch.Tensor, factor: int, route: Route, chunk: Chunk) -> torch.Tensor:
