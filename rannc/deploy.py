@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
-from rannc.config import RannConfig, compiles
+from rannc.config import RannConfig, compile_mode, compiles
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, _attr, capture, preserved_state, retarget_device
 from rannc.graph.compiled import CompiledModule
@@ -262,9 +262,7 @@ def _install(model, captured, lin, deployment: Deployment, named: dict, optimize
     pieces = deployment.pieces_of_rank(rank)
     if pieces:
         runtime = StageRuntime([Piece(stages[c], deployment.stages[c].recompute,
-                                      CompiledModule(stages[c].module, f"stage {c}", mode=config.compile_mode,
-                                                     regions=config.compile_regions)
-                                      if compiles(config, device.type) else None)
+                                      _compiled(stages[c].module, c, deployment.stages[c].recompute, config, device))
                                 for c in pieces],
                                captured.batched_inputs, device, forward_group=forward_group,
                                gradient_group=gradient_group)
@@ -300,6 +298,15 @@ def _refuse_in_call(schedule: str, outputs) -> None:
         raise DeploymentError(f"schedule '{schedule}' runs backwards inside the call and needs a model returning "
                               f"one scalar loss; this model returns {len(outputs.kinds)} outputs: use "
                               f"schedule='gpipe' or 'auto' (which plans GPipe for it)")
+
+
+def _compiled(module: torch.nn.Module, index: int, recompute: bool, config: RannConfig,
+              device: torch.device) -> CompiledModule | None:
+    """Stage `index`'s module under torch.compile where the compile item says so, else None."""
+    if not compiles(config, device.type):
+        return None
+    return CompiledModule(module, f"stage {index}", mode=compile_mode(config, device.type, recompute),
+                          regions=config.compile_regions)
 
 
 def _check_cuts(deployment: Deployment, stages: list) -> None:

@@ -20,6 +20,7 @@ import logging
 import torch
 
 from rannc.graph import dropout
+from rannc.graph.cuda_graphs import GraphGrads, own_outputs
 from rannc.graph.regions import Regions, with_regions
 
 logger = logging.getLogger("rannc.compile")
@@ -29,8 +30,9 @@ class CompiledModule:
     """Calls `module` through torch.compile (inductor), counting compilations and steady-state
     recompilations. `name` says which module in the log ("stage 1", "blocks 0-9"). The first shapes compile
     statically, and a change of shapes recompiles once with dynamic ones (torch.compile's default). `mode` as
-    torch.compile's (its inductor options: "reduce-overhead" replays CUDA graphs). `regions`: whole repeated
-    layers of an fx module compile once (rannc.graph.regions)."""
+    torch.compile's (its inductor options: "reduce-overhead" replays CUDA graphs, and then the gradients of the
+    module's parameters and the call's outputs are kept out of the graphs' memory: rannc.graph.cuda_graphs).
+    `regions`: whole repeated layers of an fx module compile once (rannc.graph.regions)."""
 
     def __init__(self, module: torch.nn.Module, name: str, mode: str = "default", regions: bool = True):
         self.module = module
@@ -41,12 +43,17 @@ class CompiledModule:
         self.region_codes = 0    # they call (summed over the graphs)
         self._seen: set[tuple] = set()
         self._options = _mode_options(mode)
+        self.cuda_graphs = bool(self._options.get("triton.cudagraphs"))
+        # only CUDA replays graphs: parameters elsewhere keep their gradients as autograd made them
+        self.grads = GraphGrads([p for p in module.parameters() if p.is_cuda] if self.cuda_graphs else [])
         self.regions = Regions(0, 0)
         if regions and isinstance(module, torch.fx.GraphModule):
             module, self.regions = with_regions(module)
             if self.regions.calls:
                 logger.info("rannc: %s compiles %d layers as %d shared region(s)", name, self.regions.calls,
                             self.regions.functions)
+        if self.grads.params:
+            logger.info("rannc: %s replays CUDA graphs (compile_mode %s)", name, mode)
         self._compiled = torch.compile(module, backend=self._backend)
         self._at_limit = _fail_at_recompile_limit()   # made once: a reusable context, off the hot path
 
@@ -62,6 +69,7 @@ class CompiledModule:
     def __call__(self, *args):
         situation = _situation(args)
         before = self.compiles
+        self.grads.claim()
         try:
             with self._at_limit:
                 out = self._compiled(*args)
@@ -89,7 +97,12 @@ class CompiledModule:
             else:
                 logger.info("rannc: compiled %s for %s", self.name, _describe(situation))
         self._seen.add(situation)
-        return out
+        return own_outputs(out) if self.cuda_graphs else out
+
+    def claim_grads(self) -> None:
+        """Copy the gradients a CUDA graph's replay may still own out of its memory (before they are set
+        aside past the next compiled call)."""
+        self.grads.claim()
 
 
 def _fail_at_recompile_limit():

@@ -231,6 +231,8 @@ class Engine:
         self.unreduced = False
 
     def _set_aside_grads(self) -> dict:
+        if self.runtime is not None:
+            self.runtime.claim_grads()   # held past the next compiled call: out of CUDA graphs' memory first
         before = {}
         for p in self.placement.local_parameters():
             if p.grad is not None:

@@ -110,6 +110,12 @@ class StageRuntime:
         """The first piece (the only one without virtual stages)."""
         return self.pieces[0].stage
 
+    def claim_grads(self) -> None:
+        """Gradients that a compiled piece's CUDA graphs may still own, copied out of their memory."""
+        for piece in self.pieces:
+            if piece.compiled is not None:
+                piece.compiled.claim_grads()
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of all pieces, each once."""
         return list({id(p): p for piece in self.pieces for p in piece.params}.values())

@@ -1,0 +1,128 @@
+"""Stages replayed as CUDA graphs (compile_mode auto or reduce-overhead): gradients kept across replays and
+outputs kept across steps stay what they were. The gradients' bookkeeping runs on the CPU; the training
+runs where CUDA devices are (one rank per device, skipped elsewhere)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rannc.config import RannConfig, compile_mode
+from rannc.graph.cuda_graphs import GraphGrads, own_outputs
+
+import models
+from distributed import run_ranks
+from side_by_side import relative
+
+BATCH = 16
+RTOL = 1e-5
+
+
+def test_auto_mode_replays_graphs_on_cuda_where_the_stage_does_not_recompute():
+    config = RannConfig()
+    assert config.compile_mode == "auto"
+    assert compile_mode(config, "cuda", recompute=False) == "reduce-overhead"
+    assert compile_mode(config, "cuda", recompute=True) == "default"
+    assert compile_mode(config, "cpu", recompute=False) == "default"
+    assert compile_mode(RannConfig(compile_mode="max-autotune"), "cuda", recompute=True) == "max-autotune"
+
+
+def test_claimed_gradients_leave_the_memory_they_came_in():
+    """A gradient autograd installed (as it installs a CUDA graph's output) is copied once: writing over the
+    memory it came in (as the graph's next replay does) leaves it as it was; later backwards add into the
+    copy, which is not copied again; gradients set to None cost nothing."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    grads = GraphGrads(layer.parameters())
+    x = torch.randn(2, 4)
+    layer(x).sum().backward()
+    installed = layer.weight.grad
+    first = installed.clone()
+    grads.claim()
+    assert grads.copies == 2 and layer.weight.grad is not installed
+    installed.fill_(1e9)                                  # the next replay
+    assert torch.equal(layer.weight.grad, first)
+    layer(x).sum().backward()
+    grads.claim()
+    assert grads.copies == 2                              # accumulated in place: already a copy
+    assert torch.equal(layer.weight.grad, 2 * first)
+    layer.zero_grad(set_to_none=False)
+    grads.claim()
+    assert grads.copies == 2
+    layer.zero_grad(set_to_none=True)
+    grads.claim()
+    assert grads.copies == 2
+    layer(x).sum().backward()
+    grads.claim()
+    assert grads.copies == 4                              # a new step's first gradients: copied again
+
+
+def test_outputs_on_the_cpu_are_not_copied():
+    t = torch.ones(2)
+    out = own_outputs((t, [t, 3]))
+    assert out[0] is t and out[1][0] is t and out[1][1] == 3
+
+
+def _train_with_graphs(rank, world, schedule, accumulate):
+    """4 optimizer steps of the tutorial MLP (fp32, TF32 off) under compile with compile_mode auto, each step
+    accumulating over `accumulate` calls (zero_grad(set_to_none=False) every other step), the losses kept
+    until the end; beside the plain eager model. Returns the largest relative differences and whether the
+    stages replayed graphs."""
+    import rannc
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.cuda.set_device(rank)   # as rannc will: one device per rank
+    device = torch.device("cuda", rank)
+    torch.manual_seed(1234)
+    model = models.make("mlp").to(device)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3)
+    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, eps=1e-3)
+    pipeline = dict(partition_num=world, min_pipeline=world, max_pipeline=world, max_blocks=world) \
+        if world > 1 else {}
+    wrapped = rannc.RaNNCModule(model, optimizer, compile=True, schedule=schedule, profile_cache_dir="",
+                                recompute="never", **pipeline)
+    errors = {"loss": 0.0, "grad": 0.0, "param": 0.0, "eval": 0.0}
+    kept, ref_kept = [], []
+    for step in range(4):
+        for k in range(accumulate):
+            batch = [t.to(device) for t in models.global_batch("mlp", BATCH, seed=10 * step + k)]
+            loss = wrapped(*models.local_part(batch, rank, world))
+            loss.backward()
+            ref_loss = reference(*batch)
+            ref_loss.backward()
+            kept.append(loss.detach())
+            ref_kept.append(ref_loss.detach())
+        errors["grad"] = max([errors["grad"]] + [relative(wrapped.get_param_grad(n).to(device), p.grad)
+                                                 for n, p in reference.named_parameters()])
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad(set_to_none=step % 2 == 0)
+        ref_optimizer.zero_grad()
+    errors["loss"] = max(abs(a.item() - b.item()) / abs(b.item()) for a, b in zip(kept, ref_kept))
+    errors["param"], errors["eval"] = _state_and_eval(wrapped, reference, rank, world, device)
+    graphs = [piece.compiled.cuda_graphs for piece in wrapped._engine.runtime.pieces]
+    return errors, graphs
+
+
+def _state_and_eval(wrapped, reference, rank, world, device):
+    state = wrapped.state_dict(sync_all_ranks=True)
+    param = max(relative(state[key].to(device), value) for key, value in reference.state_dict().items())
+    with torch.no_grad():
+        batch = [t.to(device) for t in models.global_batch("mlp", BATCH, seed=99)]
+        loss, ref_loss = wrapped(*models.local_part(batch, rank, world)), reference(*batch)
+    return param, abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+
+
+@pytest.mark.parametrize("world,schedule,accumulate", [(1, "gpipe", 3), (2, "gpipe", 2), (2, "1f1b", 2)])
+def test_graphed_stages_accumulate_like_single_process_training(world, schedule, accumulate):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA device(s)")
+    for rank, (errors, graphs) in enumerate(run_ranks(_train_with_graphs, world, schedule, accumulate,
+                                                      timeout=900)):
+        assert graphs and all(graphs), f"rank {rank}: its stages did not replay CUDA graphs"
+        for what, err in errors.items():
+            assert err < RTOL, f"rank {rank}: {what} differs by {err:.2e} (relative)"
