@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from rannc.config import ConfigError, RannConfig, load_config  # noqa: E402
 from rannc.deploy import plan_dry_run  # noqa: E402
-from rannc.dist import barrier, get_rank, get_world_size  # noqa: E402
-from rannc.faults import RankFailure  # noqa: E402
+from rannc.dist import get_rank, get_world_size  # noqa: E402
+from rannc.faults import RankFailure, barrier  # noqa: E402
 from rannc.graph.capture import CaptureError  # noqa: E402
 from rannc.module import FLAGS, RaNNCModule  # noqa: E402
 from rannc.plan.deployment import Deployment, DeploymentError, show_deployment  # noqa: E402

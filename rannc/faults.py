@@ -286,6 +286,25 @@ def guarded(where: str, report_own: bool = True) -> Callable:
     return decorate
 
 
+def barrier() -> None:
+    """rannc.barrier(): every rank waits for the others. A rank that failed meanwhile (its script raised
+    before reaching the barrier) is named here, as its failure, instead of this rank going on to fail on what
+    the failed rank never made: under NCCL the watchdog's abort can end a barrier as if it had passed."""
+    if rdist.get_world_size() < 2:
+        return
+    try:
+        rdist.barrier()
+    except RankFailure:
+        raise
+    except Exception as exc:
+        if is_comm_error(exc) and _store() is not None:
+            raise explain(exc, "a barrier") from exc
+        raise
+    reported = _read_failure(0.0)
+    if reported is not None:
+        raise RankFailure(f"{reported} [rank {rdist.get_rank()} stopped in a barrier]")
+
+
 def explained(where: str) -> Callable:
     """`guarded` for a step whose own errors every rank raises together."""
     return guarded(where, report_own=False)

@@ -130,3 +130,36 @@ def test_a_rank_hanging_inside_a_call_is_named_within_the_timeout():
     assert "hangs inside the call" in message
     assert 4 < seconds < 15, (seconds, message)
     assert results[0][0].startswith("RankFailure: rank 0 never came out of call 3"), results[0]
+
+
+def _fail_before_barrier(rank, world):
+    """Every rank wraps a model (which installs the failure reports); rank 0's script then fails before the
+    barrier, as the uncaught exception's report does; the others wait in rannc.barrier(). Returns what each
+    raised."""
+    import rannc
+    from rannc import faults
+
+    torch.manual_seed(0)
+    model = models.make("mlp")
+    rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1), partition_num=1)
+    if rank == 0:
+        faults.report(FileNotFoundError("no corpus here"), "the training script")
+        return "reported"
+    started = time.monotonic()
+    try:
+        rannc.barrier()
+    except Exception as exc:  # noqa: BLE001 - what the rank raised is the result
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - started
+    return "passed the barrier", time.monotonic() - started
+
+
+def test_a_rank_failing_before_a_barrier_is_named_by_the_ranks_waiting_in_it():
+    """Not the waiting rank's own next error (a missing file the failed rank was to write): the failure."""
+    results = run_ranks(_fail_before_barrier, 3, timeout=300, env={"RANNC_COMM_TIMEOUT_S": "120"})
+    assert results[0] == "reported"
+    for rank in (1, 2):
+        message, seconds = results[rank]
+        assert message.startswith("RankFailure: rank 0 failed in the training script: FileNotFoundError: no "
+                                  "corpus here"), (rank, message)
+        assert f"rank {rank} stopped in a barrier" in message, message
+        assert seconds < 10, (rank, seconds)
