@@ -152,8 +152,9 @@ def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, syn
 
 def kernel_time(parts: tuple, steps: int, top: int = 12) -> dict:
     """The device's own time over `steps` steps under torch.profiler (CUDA only): the union of the kernels' intervals
-    per step (the step minus it is time the device waited for the host), how many kernels a step launches, and the
-    kernels that take most of it. Tells a step bound by the device from one bound by the host."""
+    per step (the step minus it is time the device waited for the host), how many kernels a step launches, the
+    kernels that take most of it, and the pairs of kernels between which it waited longest. Tells a step bound by
+    the device from one bound by the host, and where the host holds it up."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -163,17 +164,27 @@ def kernel_time(parts: tuple, steps: int, top: int = 12) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not e.name.startswith("Optimizer.")]   # the optimizer's own annotation spans its kernels
     busy_us, reach = 0.0, float("-inf")   # each kernel adds what it runs beyond those started before it
-    for start, end in sorted((e.time_range.start, e.time_range.end) for e in kernels):
+    waits: dict[tuple[str, str], list[float]] = {}   # the device idle between two kernels: after which, before which
+    last = ""
+    for start, end, name in sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in kernels):
+        if last and start - reach > 0:
+            entry = waits.setdefault((last, name), [0, 0.0])
+            entry[0] += 1
+            entry[1] += start - reach
         busy_us += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
+        if end > reach:
+            reach, last = end, name
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         entry = by_name.setdefault(e.name[:80], [0, 0.0])
         entry[0] += 1
         entry[1] += e.time_range.elapsed_us()
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    longest_waits = sorted(waits.items(), key=lambda kv: -kv[1][1])[:top]
     return {"device_busy_ms": round(busy_us / steps / 1e3, 2), "kernels_per_step": len(kernels) / steps,
-            "top_kernels_ms": {name: [round(us / steps / 1e3, 3), count / steps] for name, (count, us) in ranked}}
+            "top_kernels_ms": {name: [round(us / steps / 1e3, 3), count / steps] for name, (count, us) in ranked},
+            "top_waits_ms": {f"{a} -> {b}": [round(us / steps / 1e3, 3), count / steps]
+                             for (a, b), (count, us) in longest_waits}}
 
 
 def _timed_steps(args, parts: tuple, device, gc_time: GcTime) -> tuple[float, torch.Tensor, float]:
