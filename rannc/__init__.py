@@ -22,7 +22,9 @@ def delay_grad_allreduce(delay: bool) -> None:
 
 
 def keep_graph(keep: bool) -> None:
-    """Keep the autograd graph after backward, so backward can run again on the same forward."""
+    """Keep the autograd graph after backward, so backward can run again on the same forward. Calls made while
+    it is on run the stages eagerly, also where they are compiled: torch.compile's backward refuses a second
+    run (donated buffers), and compiled without those, its second run gave wrong gradients (torch 2.13)."""
     FLAGS.keep_graph = bool(keep)
 
 

@@ -266,3 +266,31 @@ def test_repeated_layers_compile_once_as_shared_regions(monkeypatch):
     assert (compiled.regions.calls, compiled.regions.functions) == (8, 2)
     check(stage, compiled, x, 8, 2)
     torch._dynamo.reset()
+
+
+def _second_backward(rank, world):
+    """keep_graph on a compiled stage: two backwards of one forward, against the plain model's."""
+    import rannc
+
+    torch.manual_seed(2)
+    model = models.make("mlp")
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1), compile=True,
+                                profile_cache_dir="")
+    batch = models.global_batch("mlp", BATCH, seed=0)
+    rannc.keep_graph(True)
+    try:
+        loss, ref_loss = wrapped(*batch), reference(*batch)
+        for _ in range(2):
+            loss.backward()
+            ref_loss.backward(retain_graph=True)
+    finally:
+        rannc.keep_graph(False)
+    return grad_error(wrapped, reference)
+
+
+def test_a_second_backward_of_a_compiled_stage_adds_the_gradients_again():
+    """torch.compile's own backward refuses a second run (donated buffers), and without those adds next to
+    nothing the second time (torch 2.13, this MLP): a call under keep_graph runs the stages eagerly."""
+    error, = run_ranks(_second_backward, 1, timeout=600)
+    assert error < RTOL, f"gradients after two backwards differ by {error:.2e} (relative)"

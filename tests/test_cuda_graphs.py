@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rannc.config import RannConfig, compile_mode
-from rannc.graph.cuda_graphs import GraphGrads, own_outputs
+from rannc.graph.cuda_graphs import GraphGrads, claim_all, own_outputs
 
 import models
 from distributed import run_ranks
@@ -57,6 +57,16 @@ def test_claimed_gradients_leave_the_memory_they_came_in():
     layer(x).sum().backward()
     grads.claim()
     assert grads.copies == 4                              # a new step's first gradients: copied again
+
+
+def test_claim_all_claims_for_every_module_alive():
+    """The graphs' pool is the device's: one module's call must claim the other modules' gradients too."""
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    grads = [GraphGrads(first.parameters()), GraphGrads(second.parameters())]
+    for layer in (first, second):
+        layer(torch.ones(1, 2)).sum().backward()
+    claim_all()
+    assert [g.copies for g in grads] == [2, 2]
 
 
 def test_outputs_on_the_cpu_are_not_copied():
@@ -126,3 +136,53 @@ def test_graphed_stages_accumulate_like_single_process_training(world, schedule,
         assert graphs and all(graphs), f"rank {rank}: its stages did not replay CUDA graphs"
         for what, err in errors.items():
             assert err < RTOL, f"rank {rank}: {what} differs by {err:.2e} (relative)"
+
+
+def _two_models_and_a_second_backward(rank, world):
+    """Two wrapped models trained side by side on one device (each call of one replays graphs in the pool the
+    other's gradients came from), the second with keep_graph and two backwards in the last step; beside their
+    plain eager copies. Returns the largest relative differences of losses and parameters."""
+    import rannc
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    pairs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = models.make("mlp").to(device)
+        reference = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        wrapped = rannc.RaNNCModule(model, optimizer, compile=True, profile_cache_dir="", recompute="never")
+        pairs.append((wrapped, optimizer, reference, torch.optim.SGD(reference.parameters(), lr=0.05)))
+    errors = {"loss": 0.0, "param": 0.0}
+    for step in range(3):
+        batch = [t.to(device) for t in models.global_batch("mlp", BATCH, seed=step)]
+        for index, (wrapped, _, reference, _) in enumerate(pairs):
+            twice = index == 1 and step == 2   # before that, the second model's graphs replay after the first's
+            rannc.keep_graph(twice)
+            loss, ref_loss = wrapped(*batch), reference(*batch)
+            for _ in range(2 if twice else 1):
+                loss.backward()
+                ref_loss.backward(retain_graph=twice)
+            errors["loss"] = max(errors["loss"], relative(loss.detach(), ref_loss.detach()))
+        rannc.keep_graph(False)
+        for _, optimizer, _, ref_optimizer in pairs:
+            optimizer.step()
+            ref_optimizer.step()
+            optimizer.zero_grad()
+            ref_optimizer.zero_grad()
+    for wrapped, _, reference, _ in pairs:
+        state = wrapped.state_dict(sync_all_ranks=True)
+        errors["param"] = max([errors["param"]] + [relative(state[k].to(device), v)
+                                                   for k, v in reference.state_dict().items()])
+    return errors, [p.compiled.cuda_graphs for w, *_ in pairs for p in w._engine.runtime.pieces]
+
+
+def test_two_graphed_models_and_a_second_backward_train_like_their_plain_copies():
+    if torch.cuda.device_count() < 1:
+        pytest.skip("needs a CUDA device")
+    (errors, graphs), = run_ranks(_two_models_and_a_second_backward, 1, timeout=600)
+    assert graphs and all(graphs)
+    for what, err in errors.items():
+        assert err < RTOL, f"{what} differs by {err:.2e} (relative)"

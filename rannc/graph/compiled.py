@@ -20,7 +20,7 @@ import logging
 import torch
 
 from rannc.graph import dropout
-from rannc.graph.cuda_graphs import GraphGrads, own_outputs
+from rannc.graph.cuda_graphs import GraphGrads, claim_all, own_outputs
 from rannc.graph.regions import Regions, with_regions
 
 logger = logging.getLogger("rannc.compile")
@@ -69,7 +69,8 @@ class CompiledModule:
     def __call__(self, *args):
         situation = _situation(args)
         before = self.compiles
-        self.grads.claim()
+        if self.cuda_graphs:
+            claim_all()
         try:
             with self._at_limit:
                 out = self._compiled(*args)

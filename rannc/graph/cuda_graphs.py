@@ -13,7 +13,9 @@ outlive that point in training:
 
 `GraphGrads.claim` copies every gradient that may live in the pool out of it once, before the next compiled
 call; later backwards add into the copy in place, so a loop accumulating over k micro-batches pays one copy
-per step and a loop that drops its gradients every step (zero_grad(set_to_none=True)) pays none.
+per step and a loop that drops its gradients every step (zero_grad(set_to_none=True)) pays none. The pool is
+one per device, shared by every compiled module: `claim_all` claims for every module alive, so that one
+model's call (a teacher's, a discriminator's) does not write over another's gradients.
 `own_outputs` copies a compiled call's outputs out of the pool (differentiably, so their backward runs on).
 """
 
@@ -23,6 +25,8 @@ import weakref
 
 import torch
 
+_ALIVE: weakref.WeakSet = weakref.WeakSet()   # every GraphGrads with parameters, while its module lives
+
 
 class GraphGrads:
     """The gradients of `params` (the parameters of one compiled module), kept out of CUDA graphs' memory."""
@@ -31,6 +35,8 @@ class GraphGrads:
         self.params = [p for p in params if p.requires_grad]
         self.copies = 0   # gradients copied out of the pool so far (a test reads it)
         self._mine: dict[int, weakref.ref] = {}   # parameter index -> the copy it holds as its gradient
+        if self.params:
+            _ALIVE.add(self)
 
     def claim(self) -> None:
         """Give every parameter whose gradient this object did not make a copy of that gradient."""
@@ -47,6 +53,12 @@ class GraphGrads:
     def _holds_copy(self, i: int, p: torch.Tensor) -> bool:
         ref = self._mine.get(i)
         return ref is not None and ref() is p.grad
+
+
+def claim_all() -> None:
+    """`GraphGrads.claim` for every module replayed as CUDA graphs in this process."""
+    for grads in list(_ALIVE):
+        grads.claim()
 
 
 def own_outputs(out):
