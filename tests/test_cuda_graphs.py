@@ -69,6 +69,16 @@ def test_claim_all_claims_for_every_module_alive():
     assert [g.copies for g in grads] == [2, 2]
 
 
+def test_a_parameter_two_modules_hold_is_copied_once():
+    """A weight tied across two graphed pieces of one rank: one copy, and none at the next call."""
+    shared = torch.nn.Linear(2, 2)
+    grads = [GraphGrads(shared.parameters()), GraphGrads(shared.parameters())]
+    shared(torch.ones(1, 2)).sum().backward()
+    claim_all()
+    claim_all()
+    assert sum(g.copies for g in grads) == 2
+
+
 def test_outputs_on_the_cpu_are_not_copied():
     t = torch.ones(2)
     out = own_outputs((t, [t, 3]))

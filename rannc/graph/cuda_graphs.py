@@ -26,6 +26,10 @@ import weakref
 import torch
 
 _ALIVE: weakref.WeakSet = weakref.WeakSet()   # every GraphGrads with parameters, while its module lives
+# id(parameter) -> weak references to the parameter and to the copy it holds as its gradient. Shared by all
+# modules, so that a weight tied across two graphed pieces of one rank is copied once, not by each piece in turn
+# at every call. Keyed by id: tensors compare by value, and an attribute on the parameter would not pickle.
+_COPIES: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 class GraphGrads:
@@ -34,25 +38,25 @@ class GraphGrads:
     def __init__(self, params) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.copies = 0   # gradients copied out of the pool so far (a test reads it)
-        self._mine: dict[int, weakref.ref] = {}   # parameter index -> the copy it holds as its gradient
         if self.params:
             _ALIVE.add(self)
 
     def claim(self) -> None:
-        """Give every parameter whose gradient this object did not make a copy of that gradient."""
-        moving = [i for i, p in enumerate(self.params) if p.grad is not None and not self._holds_copy(i, p)]
+        """Give every parameter whose gradient is not a copy made here a copy of that gradient."""
+        moving = [p for p in self.params if p.grad is not None and not _holds_copy(p)]
         if not moving:
             return
         # x * 1 is x to the bit (signed zeros and NaNs included), in one launch per group of tensors
-        copies = torch._foreach_mul([self.params[i].grad for i in moving], 1)
-        for i, copy in zip(moving, copies):
-            self.params[i].grad = copy
-            self._mine[i] = weakref.ref(copy)
+        copies = torch._foreach_mul([p.grad for p in moving], 1)
+        for p, copy in zip(moving, copies):
+            p.grad = copy
+            _COPIES[id(p)] = (weakref.ref(p), weakref.ref(copy))
         self.copies += len(moving)
 
-    def _holds_copy(self, i: int, p: torch.Tensor) -> bool:
-        ref = self._mine.get(i)
-        return ref is not None and ref() is p.grad
+
+def _holds_copy(p: torch.Tensor) -> bool:
+    entry = _COPIES.get(id(p))
+    return entry is not None and entry[0]() is p and entry[1]() is p.grad
 
 
 def claim_all() -> None:
