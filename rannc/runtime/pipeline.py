@@ -196,13 +196,9 @@ class StageRuntime:
         saved = self._saved.get((action.microbatch, action.stage))
         if saved is None:
             return None
-        wanted = []
-        for k, o in enumerate(saved.outputs):
-            if o.requires_grad:
-                factor = piece.stage.sent_rows[k]
-                wanted += [(_rows(o, factor, route, saved.chunk).shape, o.dtype, route.rank, self.gradient_group)
-                           for route in saved.targets if factor != ROWS_NONE or route.primary]
-        return wanted
+        return [(shape, o.dtype, route.rank, self.gradient_group)
+                for k, o in enumerate(saved.outputs) if o.requires_grad
+                for route, shape in _gradient_parts(o, piece.stage.sent_rows[k], saved)]
 
     def _received(self, posted: list | None, shape, dtype: torch.dtype, src: int, group) -> torch.Tensor:
         """The next tensor of an action's receives: its posted receive, waited for, or a receive in place."""
@@ -333,12 +329,8 @@ class StageRuntime:
     def _receive_grad(self, output: torch.Tensor, factor: int, saved: _Saved, posted: list | None) -> torch.Tensor:
         """The gradient of one sent value: the rows each receiver sends back, or for a value not cut by
         rows the sum of what the receivers it was the first source of send (zeros if none)."""
-        parts = []
-        for route in saved.targets:
-            if factor == ROWS_NONE and not route.primary:
-                continue
-            parts.append(self._received(posted, _rows(output, factor, route, saved.chunk).shape, output.dtype,
-                                        route.rank, self.gradient_group))
+        parts = [self._received(posted, shape, output.dtype, route.rank, self.gradient_group)
+                 for route, shape in _gradient_parts(output, factor, saved)]
         if factor == ROWS_NONE:
             return torch.stack(parts).sum(0) if len(parts) > 1 else (parts[0] if parts else torch.zeros_like(output))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -352,6 +344,13 @@ class StageRuntime:
         self._saved.clear()
         self._weights.clear()
         self._posted.clear()
+
+
+def _gradient_parts(output: torch.Tensor, factor: int, saved: _Saved) -> list[tuple[Route, torch.Size]]:
+    """The receivers that send back a part of a sent value's gradient, and each part's shape: every receiver
+    its rows, or for a value not cut by rows the receivers it was the first source of."""
+    return [(route, _rows(output, factor, route, saved.chunk).shape) for route in saved.targets
+            if factor != ROWS_NONE or route.primary]
 
 
 def _first_run_then_recompute(module):
