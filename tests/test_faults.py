@@ -163,3 +163,30 @@ def test_a_rank_failing_before_a_barrier_is_named_by_the_ranks_waiting_in_it():
                                   "corpus here"), (rank, message)
         assert f"rank {rank} stopped in a barrier" in message, message
         assert seconds < 10, (rank, seconds)
+
+
+def _barrier_passed_after_a_report(rank, world):
+    """Rank 0 reports a failure but (as when NCCL's watchdog aborts the barrier) the barrier still completes on
+    every rank; rank 1 must raise the failure rather than go on."""
+    import rannc
+    from rannc import faults
+
+    torch.manual_seed(0)
+    model = models.make("mlp")
+    rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1), partition_num=1)
+    if rank == 0:
+        faults._publish("rank 0 failed in the training script: OSError: disk full")
+        faults.rdist.barrier()   # the plain barrier: rank 0 only lets the other pass
+        return "reported"
+    try:
+        rannc.barrier()
+    except Exception as exc:  # noqa: BLE001 - what the rank raised is the result
+        return f"{type(exc).__name__}: {exc}"
+    return "passed the barrier"
+
+
+def test_a_barrier_that_passes_after_a_failure_raises_it():
+    results = run_ranks(_barrier_passed_after_a_report, 2, timeout=120)
+    assert results[0] == "reported"
+    assert results[1].startswith("RankFailure: rank 0 failed in the training script: OSError: disk full"), results[1]
+    assert "rank 1 stopped in a barrier" in results[1], results[1]
