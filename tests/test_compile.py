@@ -155,6 +155,30 @@ def test_compiled_scale_prices_stages_at_the_compiled_ratio():
     assert compiled_scale(blocks, calibration, []) == (1.0, 1.0)
 
 
+def test_a_profile_cached_under_other_region_thresholds_is_not_read_back(monkeypatch):
+    """The thresholds of rannc.graph.regions decide which layers a timed run compiles as regions: a change of
+    either is a new profile cache key under regions, and leaves the other ways' keys alone."""
+    from types import SimpleNamespace
+
+    from rannc.graph import regions
+    from rannc.profile.profiler import cache_key
+
+    captured, blocks = SimpleNamespace(fingerprint="f"), SimpleNamespace(bounds=[0, 3, 7])
+
+    def keys():
+        cpu = torch.device("cpu")
+        return [cache_key(captured, blocks, [2, 4], cpu, None, how) for how in ("", "inline", "regions")]
+
+    before = keys()
+    assert len(set(before)) == 3
+    monkeypatch.setattr(regions, "MIN_LAYERS", regions.MIN_LAYERS + 1)
+    after_layers = keys()
+    monkeypatch.setattr(regions, "MIN_OPERATIONS", regions.MIN_OPERATIONS + 1)
+    after_both = keys()
+    assert after_layers[:2] == after_both[:2] == before[:2]
+    assert len({before[2], after_layers[2], after_both[2]}) == 3
+
+
 def test_repeated_layers_compile_once_as_shared_regions(monkeypatch):
     """A stage of four identical transformer layers (after a first one of its own) is traced as one shared region
     called four times: the graph torch.compile hands the compiler holds one layer's code; the loss and every

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from rannc import dist as rdist
+from rannc.graph import regions as layer_regions
 from rannc.graph.blocks import Blocks, Linearized
 from rannc.graph.capture import CapturedGraph, named_graph_tensors
 from rannc.graph.compiled import CompiledModule
@@ -67,9 +68,15 @@ def block_compile(compile_on: bool, regions: bool) -> str:
 
 def cache_key(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
               autocast_dtype, compile_blocks: str = "") -> str:
+    """What the profile cache's file name holds: everything a cached profile's figures depend on, so that no
+    profile taken under other terms is read back. With regions, their thresholds decide which layers compile as
+    regions, and so the timed runs' code."""
+    how = BLOCK_COMPILE[compile_blocks]
+    if compile_blocks == "regions":
+        how += f" {layer_regions.MIN_LAYERS} {layer_regions.MIN_OPERATIONS}"
     digest = hashlib.sha256()
     for part in (captured.fingerprint, str(blocks.bounds), str(sizes), device_name(device), str(autocast_dtype),
-                 torch.__version__, __version__, BLOCK_COMPILE[compile_blocks]):
+                 torch.__version__, __version__, how):
         digest.update(part.encode())
     return digest.hexdigest()[:20]
 
