@@ -326,6 +326,12 @@ def rannc_plan(model: rannc.RaNNCModule) -> dict:
     return {"stages": plan.pipeline_depth, "replicas": plan.replicas, "microbatches": plan.microbatch_count}
 
 
+def rannc_pieces(model: rannc.RaNNCModule) -> dict:
+    """Where the plan cuts the model and how it schedules the pieces: two runs with these equal compute alike."""
+    plan = model.deployment
+    return {"schedule": plan.schedule, "pieces": [(s.start, s.end, s.ranks, s.recompute) for s in plan.stages]}
+
+
 def rank_device() -> torch.device:
     """This process's device, where rannc wants its inputs (under NCCL everything is CUDA)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -530,7 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"losses": losses, "final_loss": final_loss,
                "samples_per_second": samples_per_second, "global_step": global_step,
                "skipped_steps": skipped_steps, "e2e_train_time": train_s, "first_step_time": first_step_s,
-               "rannc_plan": rannc_plan(model) if model.deployment is not None else None}
+               "rannc_plan": rannc_plan(model) if model.deployment is not None else None,
+               "rannc_pieces": rannc_pieces(model) if model.deployment is not None else None}
     dllogger.log([], {"e2e_train_time": train_s, "training_sequences_per_second": samples_per_second,
                       "final_loss": summary["final_loss"], "first_step_time": first_step_s})
     dllogger.close()

@@ -163,7 +163,8 @@ class RannConfig:
     max_blocks: int = dataclasses.field(
         default=128, metadata={"help": "at most this many blocks are planned over (coarsening target)"})
     profile_cache_dir: str = dataclasses.field(
-        default="~/.cache/rannc", metadata={"help": "folder of cached block profiles; empty = no cache"})
+        default="~/.cache/rannc", metadata={"help": "folder of cached block profiles, link speeds and optimizer "
+                                                    "timings; empty = no cache"})
     profile_repeats: int = dataclasses.field(
         default=3, metadata={"help": "timed repetitions per block and micro-batch size"})
     comm_timeout_s: float = dataclasses.field(

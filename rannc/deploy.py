@@ -31,7 +31,7 @@ from rannc.precision import DTYPES, MasterWeights
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
 from rannc.profile.profiler import LINK_KEYS, block_compile, build_profile_set, cached_links, profile_cache_path
 from rannc.profile.profiles import ProfileSet
-from rannc.profile.update import measure_update
+from rannc.profile.update import cached_update
 from rannc.runtime.engine import Engine
 from rannc.runtime.optimizer import OptimizerPatch
 from rannc.runtime.outputs import OutputRouter
@@ -202,8 +202,9 @@ class ProfileJob:
             return self._profile(config, log, quiet)
 
     def _profile(self, config: RannConfig, log, quiet: bool):
-        update = measure_update(self.optimizer_patch.optimizer if self.optimizer_patch is not None else None,
-                                _parameter_dtype(self.captured), self.device, master_weights=self.master_weights)
+        update = cached_update(self.optimizer_patch.optimizer if self.optimizer_patch is not None else None,
+                               _parameter_dtype(self.captured), self.device, self.master_weights,
+                               "" if quiet else config.profile_cache_dir, log)
         return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,

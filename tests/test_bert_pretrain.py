@@ -109,6 +109,8 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(data_dir, tmp_path, w
     assert first_half["global_step"] == 10 and second_half["global_step"] == 20
     assert sorted(p.name for p in (tmp_path / "stopped").glob("ckpt_*")) == ["ckpt_10.pt", "ckpt_15.pt", "ckpt_20.pt"]
     assert first_half["rannc_plan"] == second_half["rannc_plan"] == straight_run["rannc_plan"]
+    # the same cuts too: the second deployment plans with the first one's profiles (blocks and optimizer step)
+    assert first_half["rannc_pieces"] == second_half["rannc_pieces"] == straight_run["rannc_pieces"]
     reloaded = rannc.Deployment.load(tmp_path / "stopped" / "resumed_deployment.json")   # the resumed run's plan
     assert reloaded.to_json() == torch.load(tmp_path / "stopped" / "ckpt_10.pt", weights_only=True)["deployment"]
     assert first_half["rannc_plan"]["stages"] == stages

@@ -176,6 +176,42 @@ def test_optimizer_step_is_timed_on_a_copy_of_the_wrapped_optimizer():
     assert not optimizer.state and torch.equal(model.weight, before)
 
 
+def test_the_optimizer_steps_timing_is_measured_once_per_settings_and_kept(monkeypatch, tmp_path):
+    """A second deployment plans with the first one's optimizer timing (a fresh one moved the cuts between
+    deployments of one model): measured once per optimizer settings, dtype and device, then taken from this
+    process's memory, or from the cache directory in a new process; other settings are measured anew."""
+    from rannc.profile import update as update_module
+    from rannc.profile.profiles import UpdateProfile
+
+    measured = []
+
+    def fake_measure(optimizer, dtype, device, master_weights=False):
+        measured.append(type(optimizer).__name__)
+        return UpdateProfile(optimizer_ms_per_byte=float(len(measured)), source="fake")
+
+    monkeypatch.setattr(update_module, "measure_update", fake_measure)
+    monkeypatch.setattr(update_module, "_UPDATES", {})
+    params = [torch.nn.Parameter(torch.ones(3))]
+    cpu, cache = torch.device("cpu"), str(tmp_path)
+    first = update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu, cache_dir=cache)
+    again = update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu, cache_dir=cache)
+    assert first == again and first.optimizer_ms_per_byte == 1.0 and measured == ["Adam"]
+    update_module.cached_update(torch.optim.Adam(params, lr=0.2), torch.float32, cpu, cache_dir=cache)
+    update_module.cached_update(torch.optim.SGD(params, lr=0.1), torch.float32, cpu, cache_dir=cache)
+    update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.bfloat16, cpu, cache_dir=cache)
+    assert measured == ["Adam", "Adam", "SGD", "Adam"]
+    monkeypatch.setattr(update_module, "_UPDATES", {})   # a new process: the disk cache holds it
+    assert update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu, cache_dir=cache) == first
+    monkeypatch.setattr(update_module, "_UPDATES", {})
+    update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu, cache_dir="")
+    assert len(measured) == 5   # a new process without a cache directory measures
+    kept = update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu)
+    assert kept.optimizer_ms_per_byte == 5.0 and len(measured) == 5
+    kept.optimizer_ms_per_byte = 99.0   # a caller's change does not reach the kept profile
+    assert update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu) == UpdateProfile(
+        optimizer_ms_per_byte=5.0, source="fake")
+
+
 def _pipeline_bound_profile():
     """Too many parameters for data parallelism on 4 devices, so that a pipeline must run and its bubble
     matters: 8 equal blocks of 8 GB (x 4 with gradients and Adam states)."""

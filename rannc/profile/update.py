@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 import types
+from pathlib import Path
 
 import torch
 
 from rannc.precision import MasterWeights
-from rannc.profile.profiler import sync_device
+from rannc.profile.profiler import device_name, sync_device
 from rannc.profile.profiles import UpdateProfile
+from rannc.version import __version__
 
 logger = logging.getLogger("rannc.profile")
 
@@ -159,3 +164,50 @@ def estimate_update(memory_bytes_per_ms: float, per_tensor_ms: float = 0.005) ->
                          optimizer_ms_per_byte=1.5 * 7 / memory_bytes_per_ms,
                          clip_ms_per_tensor=per_tensor_ms / 2, clip_ms_per_byte=3 / memory_bytes_per_ms,
                          source="estimate from the datasheet's memory bandwidth")
+
+
+_UPDATES: dict[str, UpdateProfile] = {}
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _settings(optimizer: torch.optim.Optimizer | None) -> str:
+    """What the timing of a copy of this optimizer depends on: its class, constructor defaults and plain instance
+    attributes (a built-in clipping norm, a fused switch). Tensors, tables and the groups' parameters are not
+    settings."""
+    if optimizer is None:
+        return "no optimizer"
+    defaults = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (*_SIMPLE, tuple))}
+    attributes = {k: v for k, v in vars(optimizer).items() if isinstance(v, _SIMPLE)}
+    kind = type(optimizer)
+    return repr((f"{kind.__module__}.{kind.__qualname__}", sorted(defaults.items()), sorted(attributes.items())))
+
+
+def cached_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, device: torch.device,
+                  master_weights: bool = False, cache_dir: str = "", log=print) -> UpdateProfile:
+    """measure_update's profile, measured once per optimizer settings, dtype and device and kept (in this process,
+    and on disk under `cache_dir` beside the block profiles), so that every deployment of a job plans with the
+    same numbers. A fresh measurement at each deployment moved the planner's cuts between deployments of one
+    model (each stage's optimizer step is part of its cost), and with a cut moved, which rank sums which part of
+    the gradient norm: a run and the same run stopped and resumed parted in the last bit."""
+    digest = hashlib.sha256(repr((_settings(optimizer), str(dtype), device_name(device), master_weights,
+                                  torch.__version__, __version__)).encode()).hexdigest()[:20]
+    if digest in _UPDATES:
+        return dataclasses.replace(_UPDATES[digest])
+    path = Path(cache_dir).expanduser() / f"update_{digest}.json" if cache_dir else None
+    profile = None
+    if path is not None and path.is_file():
+        try:
+            profile = UpdateProfile(**json.loads(path.read_text()))
+            log(f"Loaded the optimizer step's timing from {path}")
+        except (ValueError, TypeError) as exc:
+            log(f"Ignoring unreadable optimizer timing {path} ({exc})")
+    if profile is None:
+        profile = measure_update(optimizer, dtype, device, master_weights=master_weights)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(dataclasses.asdict(profile)))
+            except OSError as exc:
+                log(f"Could not save the optimizer step's timing to {path}: {exc}")
+    _UPDATES[digest] = profile
+    return dataclasses.replace(profile)
