@@ -8,6 +8,8 @@ positions per sequence (phase 1), LAMB, bf16 autocast on GPUs. Its MLM head scor
 only; --full_sequence_mlm runs the seed's head over every position. Prints the rannc plan, samples/s,
 peak memory per GPU and the ratio rannc / DDP, and after the timed steps a few steps timed phase by phase
 (forward, backward, clipping, optimizer; each followed by a device sync) to compare with the plan's parts.
+Clipping is bert/pretrain.py's: every contender takes the norm of its gradients (rannc's `calc_grad_norm`,
+torch's `get_total_norm`) and LAMB divides by it inside its update; --clip_with_model clips apart first.
 
 Contenders (`--contenders`, comma-separated): `rannc`; `rannc:ITEM=VALUE;...` forcing rannc config items
 (`rannc:partition_num=2`, `rannc:compile=false`): the planner's choice measured against its alternatives in one
@@ -137,13 +139,17 @@ def train_step(kind, wrapped, model, optimizer, batch, use_autocast, device, syn
     loss.backward()
     sync()
     marks.append(time.perf_counter())
-    if kind == "rannc":
+    clipping = {}
+    if optimizer.max_grad_norm:   # clipping inside LAMB's update, by the norm taken here (bert/pretrain.py's way)
+        clipping["grad_norm"] = (wrapped.calc_grad_norm() if kind == "rannc" else torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None]))
+    elif kind == "rannc":
         wrapped.clip_grad_norm(1.0)
     else:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     sync()
     marks.append(time.perf_counter())
-    optimizer.step()
+    optimizer.step(**clipping)
     optimizer.zero_grad(set_to_none=True)
     sync()
     marks.append(time.perf_counter())
@@ -226,10 +232,12 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
     if kind != "rannc":
         model = model.to(device)
-    optimizer = Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0)
+    optimizer = Lamb(bert_param_groups(model), lr=1e-4, max_grad_norm=0 if args.clip_with_model else 1.0)
     if kind == "rannc":
         # every step ends with zero_grad(set_to_none=True) and nothing accumulates: tell the planner
-        items = {**({"partition_num": args.partition_num} if args.partition_num else {}), **items}
+        # clipping inside LAMB's update is part of the optimizer step that rannc times: nothing apart to price
+        items = {**({"partition_num": args.partition_num} if args.partition_num else {}),
+                 "plan_grad_clipping": args.clip_with_model, **items}
         wrapped = rannc.RaNNCModule(model, optimizer, accumulate_grads=False, **items)
     elif kind == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
@@ -299,6 +307,9 @@ def main() -> None:
     p.add_argument("--contenders", default="rannc,ddp")
     p.add_argument("--partition_num", type=int, default=0)
     p.add_argument("--no_autocast", action="store_true")
+    p.add_argument("--clip_with_model", action="store_true",
+                   help="clip apart before a LAMB step without clipping (rannc's clip_grad_norm, torch's "
+                        "clip_grad_norm_); default: LAMB divides by the norm inside its update, as bert/pretrain.py")
     p.add_argument("--full_sequence_mlm", action="store_true", help="the seed's MLM head over every position")
     p.add_argument("--no_dropout", action="store_true",
                    help="both dropout probabilities 0: losses that depend on the weights alone, not on the masks")

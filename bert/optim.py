@@ -57,9 +57,12 @@ class Lamb(torch.optim.Optimizer):
     and apply it with the per-tensor trust ratio ``lr·‖p‖/‖u‖``. Groups with ``weight_decay == 0`` get a
     plain ``lr`` (no trust ratio) unless ``use_nvlamb``, because that is what apex did for NVIDIA's BERT.
 
-    ``max_grad_norm`` acts on the grads this optimizer holds. Under pipeline parallelism a process holds
-    only part of the model, so its local norm is not the global one: pass ``max_grad_norm=0`` (or None)
-    and clip with the model's global ``clip_grad_norm(1.0)`` before ``step()``. Grads are not modified.
+    ``max_grad_norm`` acts on the norm of the grads this optimizer holds. Under pipeline parallelism a process
+    holds only part of the model, so its local norm is not the global one: hand the global norm to the step
+    (``step(grad_norm=model.calc_grad_norm())`` with rannc), or pass ``max_grad_norm=0`` (or None) and clip with
+    the model's ``clip_grad_norm(1.0)`` before ``step()``. The first reads the grads once for the norm and divides
+    them inside the update; the second also rewrites every grad before the step reads it again. Grads are not
+    modified.
 
     ``param_group['step']`` counts steps, incremented by ``step()`` before use as apex does, so that
     :class:`bert.schedulers.PolyWarmUpScheduler` can read it and skipped (overflowed) steps do not count.
@@ -133,7 +136,10 @@ class Lamb(torch.optim.Optimizer):
                     raise ValueError(f"Lamb(fused=True): {problem}; pass fused=None to choose per device")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             grad_norm: torch.Tensor | float | None = None) -> torch.Tensor | None:
+        """One LAMB step. ``grad_norm``: the norm that clipping to ``max_grad_norm`` compares, in place of the
+        norm of this optimizer's own grads: the whole model's, where this process holds only a part of it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -142,7 +148,7 @@ class Lamb(torch.optim.Optimizer):
         # each parameter's gradient looked up once per step (a master's is its compute copy's)
         grads_per_group = [[(p, g) for p in group["params"] if (g := self._grad(p)) is not None]
                            for group in self.param_groups]
-        clip_divisor = self._clip_divisor([g for pairs in grads_per_group for _, g in pairs])
+        clip_divisor = self._clip_divisor([g for pairs in grads_per_group for _, g in pairs], grad_norm)
 
         for index, (group, pairs) in enumerate(zip(self.param_groups, grads_per_group)):
             # Every group counts the step, as apex does, so group 0's counter is the optimizer's.
@@ -198,8 +204,10 @@ class Lamb(torch.optim.Optimizer):
             raise RuntimeError(f"Lamb(fused=True) cannot step these parameters: {problem}")
         return None
 
-    def _clip_divisor(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
-        """Return max(1, ‖g‖/max_grad_norm) over all these grads as a tensor, or None when clipping is off.
+    def _clip_divisor(self, grads: list[torch.Tensor], grad_norm: torch.Tensor | float | None = None
+                      ) -> torch.Tensor | None:
+        """Return max(1, ‖g‖/max_grad_norm) as a tensor, ‖g‖ being ``grad_norm`` where given, else the norm over
+        all these grads; None when clipping is off.
 
         Kept on the device so that clipping needs no host sync; grads are divided by it inside the update.
         """
@@ -207,17 +215,22 @@ class Lamb(torch.optim.Optimizer):
             return None
         norm_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         first_device = grads[0].device
+        if grad_norm is None:
+            grad_norm = self._norm(grads, first_device, norm_dtype)
+        ratio = torch.as_tensor(grad_norm).to(device=first_device, dtype=norm_dtype) / self.max_grad_norm
+        return torch.where(ratio > 1.0, ratio, torch.ones_like(ratio))
+
+    def _norm(self, grads: list[torch.Tensor], device: torch.device, norm_dtype: torch.dtype) -> torch.Tensor:
+        """The norm over all these grads, on `device`: one fused or foreach norm per device and dtype."""
         norms = []
-        for (device, dtype), bucket in _by_device_and_dtype(grads).items():
-            table = self._fused_table(("grads", device, dtype), [bucket], (dtype,))
+        for (grad_device, dtype), bucket in _by_device_and_dtype(grads).items():
+            table = self._fused_table(("grads", grad_device, dtype), [bucket], (dtype,))
             if table is not None:
                 bucket_norms = lamb_triton.grad_norm(table, dtype)
             else:
                 bucket_norms = torch.stack(torch._foreach_norm(bucket, dtype=_compute_dtype(dtype)))
-            norms.append(bucket_norms.to(device=first_device, dtype=norm_dtype))
-        global_norm = torch.linalg.vector_norm(torch.cat(norms))
-        ratio = global_norm / self.max_grad_norm
-        return torch.where(ratio > 1.0, ratio, torch.ones_like(ratio))
+            norms.append(bucket_norms.to(device=device, dtype=norm_dtype))
+        return torch.linalg.vector_norm(torch.cat(norms))
 
     def _states(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each parameter's (exp_avg, exp_avg_sq), created as zeros in the compute dtype on first use."""

@@ -2,7 +2,8 @@
 changes. Launch one process per device: `torchrun --nproc_per_node=N -m bert.pretrain [NVIDIA's flags]`.
 
 The rannc lines: wrap model and optimizer in `rannc.RaNNCModule`, delay its gradient all-reduce for accumulation
-(`allreduce_grads_rannc`), clip with `model.clip_grad_norm`, and load optimizer state after the first backward.
+(`allreduce_grads_rannc`), clip by the whole model's gradient norm (`model.calc_grad_norm()` handed to LAMB, or
+`model.clip_grad_norm` with --clip_with_model), and load optimizer state after the first backward.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add("--full_sequence_mlm", action="store_true",
         help="the seed's MLM head: score every position against the vocab (B x S x V logits) with dense labels; "
              "default: only the masked positions (B x max_predictions_per_seq), the same loss")
+    add("--clip_with_model", action="store_true",
+        help="the seed's clipping: model.clip_grad_norm(1.0) rewrites every gradient before LAMB reads it; "
+             "default: LAMB divides by the whole model's norm (model.calc_grad_norm()) inside its update, as "
+             "NVIDIA's FusedLAMB clips, reading the gradients once less")
     compat = parser.add_argument_group("accepted for NVIDIA's command lines; no effect here")
     compat.add_argument("--bert_model", default=None, help="unused by NVIDIA too")
     compat.add_argument("--do_train", action="store_true", help="training is all this script does")
@@ -158,8 +163,10 @@ def prepare_model_and_optimizer(args: argparse.Namespace):
     config = BertConfig.from_json_file(args.config_file)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = BertForPreTrainingWithCriterion(config, full_sequence_mlm=args.full_sequence_mlm)
-    # Lamb's own clipping would see only this rank's part of the model; model.clip_grad_norm(1.0) clips globally.
-    optimizer = Lamb(bert_param_groups(model, weight_decay=0.01), lr=args.learning_rate, max_grad_norm=0)
+    # Lamb's own norm would be this rank's part of the model's: take_optimizer_step hands it the whole model's
+    # (or, with --clip_with_model, clips globally before a step that does not clip).
+    optimizer = Lamb(bert_param_groups(model, weight_decay=0.01), lr=args.learning_rate,
+                     max_grad_norm=0 if args.clip_with_model else 1.0)
     scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
     return config, model, optimizer, scheduler
 
@@ -365,20 +372,27 @@ def allreduce_grads_rannc(model: rannc.RaNNCModule, optimizer: torch.optim.Optim
 
 
 def take_optimizer_step(args: argparse.Namespace, model: rannc.RaNNCModule, optimizer: torch.optim.Optimizer,
-                        scheduler: PolyWarmUpScheduler, loss_scaler: DynamicLossScaler | None) -> bool:
-    """All-reduce (if delayed), unscale, clip, step; False when fp16 overflowed and the step was skipped."""
+                        scheduler: PolyWarmUpScheduler, loss_scaler: DynamicLossScaler | None) -> torch.Tensor | None:
+    """All-reduce (if delayed), unscale, clip, step. Returns the gradients' global norm before clipping (a device
+    tensor, read when the step is logged), or None when fp16 overflowed and the step was skipped."""
     if args.allreduce_post_accumulation:
         had_overflow = allreduce_grads_rannc(model, optimizer, 1. / args.gradient_accumulation_steps, loss_scaler)
     else:
         had_overflow = scale_grads(model, 1.0, loss_scaler)  # rannc reduced them in backward
     if loss_scaler is not None:
         loss_scaler.update(had_overflow)
+    grad_norm = None
     if not had_overflow:
-        model.clip_grad_norm(1.0)
+        if args.clip_with_model:
+            grad_norm = model.clip_grad_norm(1.0)
+            clipping = {}
+        else:
+            grad_norm = model.calc_grad_norm()
+            clipping = {"grad_norm": grad_norm}
         scheduler.step()  # lr from the optimizer's step counter, so skipped steps do not advance it
-        optimizer.step()
+        optimizer.step(**clipping)
     model.zero_grad(set_to_none=True)
-    return not had_overflow
+    return grad_norm
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -405,14 +419,17 @@ def main(argv: list[str] | None = None) -> dict:
                   f"uninterrupted one; pass {'--bf16_weights' if saved else '--no-bf16_weights'} to keep its "
                   f"choice", flush=True)
 
-    precision = {"param_dtype": "bfloat16"} if args.bf16_weights else {}
-    rannc_options = {**({} if args.partition_num is None else {"partition_num": args.partition_num}), **precision}
+    run_options = {"param_dtype": "bfloat16"} if args.bf16_weights else {}
+    # the items that hold with a loaded plan too; clipping inside LAMB's update is part of the optimizer step that
+    # rannc times, with no clipping apart to price
+    run_options["plan_grad_clipping"] = args.clip_with_model
+    rannc_options = {**({} if args.partition_num is None else {"partition_num": args.partition_num}), **run_options}
     deployment_file = None
     if checkpoint is not None and not new_phase:
         call_batch = (args.train_batch_size // k) * world_size
         deployment_file = resumed_deployment(checkpoint, args, rank, world_size, call_batch)
     if deployment_file is not None:
-        rannc_options = {"load_deployment": str(deployment_file), **precision}
+        rannc_options = {"load_deployment": str(deployment_file), **run_options}
     model = rannc.RaNNCModule(model, optimizer, **rannc_options)
     rannc.delay_grad_allreduce(args.allreduce_post_accumulation)
     if args.no_dropout:
@@ -466,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
                     disable=True if args.disable_progress_bar or not is_main else None)
     samples_per_step = args.train_batch_size * world_size
     losses: list[float] = []
+    grad_norms: list = []   # device tensors until logged, then floats
     final_loss = None
     average_loss, steps_since_log, skipped_steps = 0.0, 0, 0
     first_step_s, steady_start, steady_steps = 0.0, None, 0  # the first call includes rannc's planning
@@ -489,12 +507,14 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.load_state_dict(global_optimizer_state)
                 global_optimizer_state = None
 
-        if not take_optimizer_step(args, model, optimizer, scheduler, loss_scaler):
+        grad_norm = take_optimizer_step(args, model, optimizer, scheduler, loss_scaler)
+        if grad_norm is None:
             skipped_steps += 1
             dllogger.log("PARAMETER", {"loss_scale": loss_scaler.scale})
             continue
         global_step += 1
         losses.append(step_loss)
+        grad_norms.append(grad_norm.detach())   # read at the next log, not here: no wait for the optimizer
         average_loss += step_loss
         steps_since_log += 1
         step_s = time.perf_counter() - step_start
@@ -510,11 +530,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         if global_step % args.log_freq == 0 or global_step >= stop_step:
             average_loss /= steps_since_log
+            grad_norms[-steps_since_log:] = torch.stack(grad_norms[-steps_since_log:]).tolist()
             dllogger.log([loader.epoch, global_step], {"average_loss": average_loss, "step_loss": step_loss,
-                                                       "learning_rate": lr})
+                                                       "learning_rate": lr, "grad_norm": grad_norms[-1]})
             if progress.disable and is_main:  # no bar (flag, or not a terminal): one line per record
                 tqdm.write(f"step {global_step}: average_loss {average_loss:.4f} step_loss {step_loss:.4f} "
-                           f"learning_rate {lr:.3e} step_ms {1000 * step_s:.0f}", file=sys.stdout)
+                           f"learning_rate {lr:.3e} grad_norm {grad_norms[-1]:.3f} step_ms {1000 * step_s:.0f}",
+                           file=sys.stdout)
                 sys.stdout.flush()
             final_loss, average_loss, steps_since_log = average_loss, 0.0, 0
 
@@ -533,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
         samples_per_second = steady_steps * samples_per_step / (time.perf_counter() - steady_start)
     else:
         samples_per_second = len(losses) * samples_per_step / max(first_step_s, 1e-9)
-    summary = {"losses": losses, "final_loss": final_loss,
+    summary = {"losses": losses, "grad_norms": grad_norms, "final_loss": final_loss,
                "samples_per_second": samples_per_second, "global_step": global_step,
                "skipped_steps": skipped_steps, "e2e_train_time": train_s, "first_step_time": first_step_s,
                "rannc_plan": rannc_plan(model) if model.deployment is not None else None,

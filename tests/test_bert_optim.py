@@ -131,6 +131,43 @@ def test_lamb_matches_reference_loop(max_grad_norm, grad_scale, dtype, atol):
     assert moved > 0.1  # the comparison is not vacuous
 
 
+
+@pytest.mark.parametrize("grad_scale", [10.0, 1e-3], ids=["clipping-triggers", "clipping-idle"])
+def test_lamb_split_over_two_holders_clips_by_the_norm_it_is_given(grad_scale):
+    """The model's parameters split between two Lambs (two pipeline stages), each stepped with the whole
+    model's grad norm: the single Lamb's steps (the float64 reference). Each clipping by its own part's norm
+    does not give them."""
+    model = make_model(torch.float64)
+    groups = bert_param_groups(model, weight_decay=0.01)
+    flat = [p for group in groups for p in group["params"]]
+    grads = make_grads(flat, steps=4, grad_scale=grad_scale)
+    expected = reference_lamb([(g["params"], g["weight_decay"]) for g in groups], grads, 0.02, 1.0)
+
+    def split_run(pass_norm: bool) -> list[torch.Tensor]:
+        params = [(p.detach().clone().requires_grad_(), group["weight_decay"]) for group in groups
+                  for p in group["params"]]
+        optimizers = []
+        for half in (params[: len(params) // 2], params[len(params) // 2:]):
+            by_decay: dict[float, list] = {}
+            for p, decay in half:
+                by_decay.setdefault(decay, []).append(p)
+            optimizers.append(Lamb([{"params": ps, "weight_decay": wd} for wd, ps in by_decay.items()],
+                                   lr=0.02, max_grad_norm=1.0))
+        params = [p for p, _ in params]
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in step_grads if g is not None]))
+            for optimizer in optimizers:
+                optimizer.step(grad_norm=norm if pass_norm else None)
+        return params
+
+    for p, want in zip(split_run(pass_norm=True), expected):
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-12)
+    local = split_run(pass_norm=False)
+    worst = max(float((p.detach() - want).abs().max()) for p, want in zip(local, expected))
+    assert (worst > 1e-6) == (grad_scale > 1.0)   # by its own part's norm: right only where nothing clips
+
 def test_lamb_skips_params_without_grad_and_leaves_grads_alone():
     w = nn.Parameter(torch.ones(3))
     idle = nn.Parameter(torch.ones(2))

@@ -74,6 +74,24 @@ def test_pipeline_of_two_stages_matches_single_process(data_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(pipeline["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
 
 
+def test_clipping_inside_lamb_gives_the_seeds_clipping_apart(data_dir, tmp_path):
+    """Two stages on 2 ranks, dropout off: LAMB dividing by the whole model's norm inside its update (the
+    default) against the seed's model.clip_grad_norm(1.0) before a LAMB step that does not clip: the same
+    norms and losses to rounding (torch's factor is 1 / (norm + 1e-6), apex's 1 / norm), over steps that clip.
+    Each stage clipping by its own part's norm would not give them."""
+    common = ("--max_steps", "6", "--train_batch_size", "8", "--partition_num", "2", "--no_dropout",
+              "--skip_checkpoint")
+    runs = [_args(data_dir, tmp_path / "inside", *common), _args(data_dir, tmp_path / "apart", *common,
+                                                                 "--clip_with_model")]
+    [[inside, apart], _] = run_ranks(_pretrain, 2, runs, timeout=300, env=TWO_MICROBATCHES)
+    assert inside["rannc_plan"]["stages"] == apart["rannc_plan"]["stages"] == 2
+    assert len(inside["grad_norms"]) == len(apart["losses"]) == 6
+    assert sum(norm > 1.0 for norm in inside["grad_norms"]) >= 3   # the steps compared clip
+    torch.testing.assert_close(torch.tensor(inside["grad_norms"]), torch.tensor(apart["grad_norms"]), rtol=1e-5,
+                               atol=0)
+    torch.testing.assert_close(torch.tensor(inside["losses"]), torch.tensor(apart["losses"]), rtol=1e-5, atol=0)
+
+
 def test_full_sequence_mlm_head_gives_the_default_heads_losses(data_dir, tmp_path):
     """--full_sequence_mlm (the seed's head: every position scored, dense labels) against the default head (the
     masked positions only), same data and weights, dropout off, one process: 5 equal step losses. The two
