@@ -223,7 +223,7 @@ def _make_plan(job: ProfileJob) -> Deployment:
                                   f"batch size); plan anew")
         logger.info("Loaded deployment from %s", config.deployment_file)
         return deployment
-    if captured.batch_range != (1, None):
+    if captured.batch_range != (1, None) and not captured.batch_fixed:   # a fixed batch was named at capture
         low, high = captured.batch_range
         logger.warning("the model branches on its batch size: its graph holds for micro-batches of %d to %s rows "
                        "only, and the plan keeps to them", low, "any number of" if high is None else high)

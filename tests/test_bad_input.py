@@ -230,6 +230,102 @@ def test_a_branch_on_the_batch_size_outside_every_plan_is_a_planning_error():
         assert "branches on its batch size" in text and "7 to any number of rows" in text
 
 
+class _LenMean(torch.nn.Module):
+    """A per-sample mean loss written with len(x) (as CLIP's contrastive loss builds its labels), or with
+    x.shape[0], which stays symbolic."""
+
+    def __init__(self, by_len: bool = True):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.by_len = by_len
+
+    def forward(self, x):
+        total = self.fc(x).pow(2).sum()
+        return total / len(x) if self.by_len else total / x.shape[0]
+
+
+def test_a_batch_size_fixed_by_len_is_named_and_kept(caplog):
+    """len(x) makes export record the batch size as a number: the graph holds for that size only, with a
+    warning that names the inputs and the way out; x.shape[0] keeps it free, and a batch of 1 row is fixed too."""
+    from rannc.graph.capture import capture
+
+    x = torch.randn(4, 4)
+    with caplog.at_level("WARNING", logger="rannc.capture"):
+        fixed = capture(_LenMean(), (x,))
+    assert (fixed.batch_fixed, fixed.batch_range) == (True, (4, 4))
+    assert "fixed the batch size at 4 rows" in caplog.text and "len(x)" in caplog.text
+    caplog.clear()
+    free = capture(_LenMean(by_len=False), (x,))
+    assert (free.batch_fixed, free.batch_range) == (False, (1, None))
+    assert not [r for r in caplog.records if r.name == "rannc.capture"]
+    with caplog.at_level("WARNING", logger="rannc.capture"):
+        one = capture(_LenMean(by_len=False), (x[:1],))
+    assert (one.batch_fixed, one.batch_range) == (True, (1, 1)) and "1 row per process" in caplog.text
+
+
+class _Contrastive(torch.nn.Module):
+    """CLIP's loss in miniature: every sample's embedding against every other's, the batch x batch logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        logits = self.fc(x) @ self.fc(y).t()
+        return torch.nn.functional.cross_entropy(logits, torch.arange(x.shape[0]))
+
+
+def test_a_loss_pairing_the_samples_of_the_batch_is_named(caplog):
+    """Batch x batch similarities are computed within each micro-batch: a warning names the value and the
+    line; a transformer's attention (the batch once in its scores' shape) gets none."""
+    from rannc.graph.capture import capture
+
+    with caplog.at_level("WARNING", logger="rannc.capture"):
+        capture(_Contrastive(), (torch.randn(4, 4), torch.randn(4, 4)))
+    [record] = [r for r in caplog.records if r.name == "rannc.capture"]
+    assert "pairs the samples of its batch" in record.getMessage() and "self.fc(y).t()" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rannc.capture"):
+        capture(models.make("bert"), tuple(models.global_batch("bert", 4, 0)))
+    assert not [r for r in caplog.records if r.name == "rannc.capture"]
+
+
+def _len_mean_plan(rank, world, items):
+    import rannc
+    torch.manual_seed(0)
+    model = _LenMean()
+    single = _LenMean()
+    single.load_state_dict(model.state_dict())
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, **items)
+    loss = wrapped(x.chunk(world)[rank])
+    loss.backward()
+    expected = single(x)
+    expected.backward()
+    grad_error = max(float((wrapped.get_param_grad(name) - p.grad).abs().max())
+                     for name, p in single.named_parameters())
+    d = wrapped.deployment
+    return (len(d.stages), d.replicas, d.microbatch_count), float(loss), float(expected), grad_error
+
+
+@pytest.mark.parametrize("items,plan", [({"partition_num": 2, "max_pipeline": 4}, (2, 1, 2)),
+                                        ({"partition_num": 1, "max_pipeline": 4}, (1, 2, 1))])
+def test_a_batch_size_fixed_by_len_keeps_every_micro_batch_at_it(items, plan):
+    """Captured at 4 rows per rank, `sum / len(x)` divides by 4 in every micro-batch: the plan may only run
+    micro-batches of 4 rows (2 of them through 2 stages, or one per replica), and then the loss and the gradients
+    are the single process's on the 8 rows. Micro-batches of 2 rows halved the loss, silently."""
+    for got_plan, loss, expected, grad_error in run_ranks(_len_mean_plan, 2, items, timeout=120):
+        assert got_plan == plan
+        assert loss == pytest.approx(expected, rel=1e-6) and grad_error < 1e-6
+
+
+def test_a_batch_size_fixed_by_len_outside_every_plan_is_a_planning_error():
+    errors = _errors_with(_len_mean_plan, 2, {"partition_num": 1, "min_pipeline": 2})
+    assert sorted(errors) == [0, 1]
+    for text in errors.values():
+        assert "holds for 4 to 4 rows only" in text and "fixed it" in text
+
+
 def _errors_with(fn, world, *args):
     with pytest.raises(RankError) as info:
         run_ranks(fn, world, *args, timeout=120)

@@ -5,13 +5,16 @@ itself takes and returns flat tensors.
 
 The graph keeps the user's parameter objects (so the user's optimizer still refers to them), has one
 node per tensor operation, a symbolic batch dimension on every batched input (so any micro-batch size
-runs through it), and dropout routed through switches that `enable_dropout` and `eval()` control.
+runs through it), and dropout routed through switches that `enable_dropout` and `eval()` control. Where the
+forward fixes the batch size (a Python number taken from it, or a batch of one row), the graph holds for that
+size only, and `batch_range` says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +26,8 @@ from torch.export import Dim
 
 from rannc.graph import dropout as dropout_ops
 from rannc.graph.signature import CallSignature, OutputSignature, SignatureError
+
+logger = logging.getLogger("rannc.capture")
 
 
 class CaptureError(RuntimeError):
@@ -41,6 +46,7 @@ class CapturedGraph:
     fingerprint: str                     # identifies graph + parameter shapes + input shapes
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> first state_dict name
     batch_range: tuple[int, int | None] = (1, None)  # rows the graph holds for (a branch on the batch size)
+    batch_fixed: bool = False            # the graph holds for the captured batch size only (see _fixed_batch)
 
     def output_nodes(self) -> list[Any]:
         return list(next(n for n in self.gm.graph.nodes if n.op == "output").args[0])
@@ -183,8 +189,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
     if len(placeholders) != len(tensors):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs but forward got {len(tensors)}")
     batch_dims = {str(p.meta["val"].shape[0]) for p, b in zip(placeholders, batched)
-                  if b and isinstance(p.meta.get("val"), torch.Tensor)
-                  and isinstance(p.meta["val"].shape[0], torch.SymInt)}
+                  if b and isinstance(p.meta.get("val"), torch.Tensor) and _symbolic(p.meta["val"].shape[0])}
     out_nodes = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     local_batch = next(iter(sizes.values()), 1)
     try:
@@ -196,6 +201,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         tensor_names.setdefault(id(tensor), name)
+    batch_fixed = dynamic_batch and _fixed_batch(placeholders, batched, call.tensor_paths(), local_batch,
+                                                 type(model).__name__)
+    _warn_pairs_of_samples(gm, placeholders, batched, type(model).__name__)
     return CapturedGraph(
         gm=gm,
         input_names=[n.name for n in placeholders],
@@ -204,8 +212,67 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         outputs=outputs,
         fingerprint=_fingerprint(gm, model, tensors, call),
         tensor_names=tensor_names,
-        batch_range=_batch_range(exported, placeholders, batched),
+        batch_range=(local_batch, local_batch) if batch_fixed else _batch_range(exported, placeholders, batched),
+        batch_fixed=batch_fixed,
     )
+
+
+def _fixed_batch(placeholders: list[fx.Node], batched: list[bool], paths: list[str], local_batch: int,
+                 model_name: str) -> bool:
+    """Whether export made a batched input's first dimension a number instead of a symbol, and so fixed the
+    batch size of the whole graph: a Python number taken from the batch (`len(x)`, `int(x.shape[0])`) is
+    recorded as a constant, and a batch of one row is never traced symbolically. Any other micro-batch size
+    would run with that constant, silently wrong (`loss.sum() / len(x)`), so the plan must keep every
+    micro-batch at the captured size; warns saying why."""
+    fixed = [path for path, node, is_batched in zip(paths, placeholders, batched)
+             if is_batched and isinstance(node.meta.get("val"), torch.Tensor)
+             and not _symbolic(node.meta["val"].shape[0])]
+    if not fixed:
+        return False
+    if local_batch == 1:
+        logger.warning("%s.forward was captured with 1 row per process, and torch.export does not trace a batch "
+                       "of one row symbolically: the graph holds for micro-batches of 1 row only, and the plan "
+                       "keeps to them; call the model with at least 2 rows per process to let rannc cut "
+                       "micro-batches of any size", model_name)
+    else:
+        logger.warning("%s.forward fixed the batch size at %d rows while it was captured (inputs %s): a Python "
+                       "number taken from the batch, such as len(x) or int(x.shape[0]), becomes a constant of the "
+                       "graph, wrong for any other number of rows. Every micro-batch of every replica keeps %d "
+                       "rows; use x.shape[0] inside tensor operations (torch.arange(x.shape[0]), "
+                       "loss.sum() / x.shape[0]) instead to let rannc cut micro-batches of any size",
+                       model_name, local_batch, ", ".join(fixed), local_batch)
+    return True
+
+
+def _warn_pairs_of_samples(gm: fx.GraphModule, placeholders: list[fx.Node], batched: list[bool],
+                           model_name: str) -> None:
+    """Warn, once, where the graph pairs the batch's samples with each other (a value with the batch size in
+    two dimensions, such as a contrastive loss's batch x batch similarities): rannc runs the graph on each
+    micro-batch, so such a value pairs only the samples of one micro-batch, and a loss built from it is the
+    mean of the micro-batches' losses (as under DistributedDataParallel), not the global batch's."""
+    symbols = {p.meta["val"].shape[0].node.expr for p, b in zip(placeholders, batched)
+               if b and isinstance(p.meta.get("val"), torch.Tensor) and _symbolic(p.meta["val"].shape[0])}
+    if not symbols:
+        return
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(value, torch.Tensor):
+            continue
+        in_batch = [bool(symbols & d.node.expr.free_symbols) for d in value.shape if isinstance(d, torch.SymInt)]
+        if sum(in_batch) >= 2:
+            trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+            where = f" ({trace[-2].strip()}: {trace[-1].strip()})" if len(trace) >= 2 else ""
+            logger.warning("%s.forward pairs the samples of its batch with each other: %s has shape %s%s. rannc "
+                           "runs the model on micro-batches, so it pairs the samples of one micro-batch only, and "
+                           "a loss built from it is the mean of the micro-batches' losses (as under "
+                           "DistributedDataParallel), not the loss of the global batch", model_name, node.name,
+                           tuple(value.shape), where)
+            return
+
+
+def _symbolic(size) -> bool:
+    """Whether a traced size is a symbol: export keeps a specialised one as a SymInt of a number."""
+    return isinstance(size, torch.SymInt) and not size.node.expr.is_number
 
 
 def _batch_range(exported, placeholders: list[fx.Node], batched: list[bool]) -> tuple[int, int | None]:
@@ -216,7 +283,7 @@ def _batch_range(exported, placeholders: list[fx.Node], batched: list[bool]) -> 
     `batch > 1` itself cannot be told apart."""
     for node, is_batched in zip(placeholders, batched):
         value = node.meta.get("val")
-        if not (is_batched and isinstance(value, torch.Tensor) and isinstance(value.shape[0], torch.SymInt)):
+        if not (is_batched and isinstance(value, torch.Tensor) and _symbolic(value.shape[0])):
             continue
         bounds = exported.range_constraints.get(value.shape[0].node.expr)
         if bounds is None:

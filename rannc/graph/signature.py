@@ -145,7 +145,9 @@ class OutputSignature:
                 rows.append(())
                 continue
             first = value.shape[0]
-            symbolic = isinstance(first, torch.SymInt)
+            # a batch export fixed (len(x)) is a SymInt of a number: a number here, as without symbols
+            symbolic = isinstance(first, torch.SymInt) and not first.node.expr.is_number
+            first = first if symbolic else int(first)
             batched = (str(first) in batch_dims) if symbolic else (not batch_dims and first == local_batch)
             rest = tuple(value.shape[1:])
             if not batched or any(not isinstance(d, int) for d in rest):

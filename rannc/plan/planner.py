@@ -136,8 +136,9 @@ def _empty_space(config: RannConfig, world_size: int, block_count: int, batch_si
                  batch_range: BatchRange = (1, None)) -> str:
     if space(config, world_size, block_count, batch_size):   # only the batch range left nothing
         low, high = batch_range
-        return (f"the model branches on its batch size: its captured graph holds for {low} to "
-                f"{'any number of' if high is None else high} rows, and no plan's micro-batches of a global "
+        return (f"the model's captured graph holds for {low} to {'any number of' if high is None else high} rows "
+                f"only (it branches on its batch size, or fixed it: see the warning at capture), and no plan's "
+                f"micro-batches of a global "
                 f"batch of {batch_size} rows on {world_size} processes fall in that range (min_pipeline="
                 f"{config.min_pipeline}, max_pipeline={config.max_pipeline}); change the batch size or the "
                 f"micro-batch bounds, or make forward independent of the batch size")
