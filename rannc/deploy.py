@@ -20,7 +20,7 @@ import torch.nn as nn
 from rannc import dist as rdist
 from rannc.config import RannConfig, compile_mode, compiles
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
-from rannc.graph.capture import CapturedGraph, _attr, capture, preserved_state, retarget_device
+from rannc.graph.capture import CapturedGraph, _attr, capture, preserved_state, retarget_device, written_buffers
 from rannc.graph.compiled import CompiledModule
 from rannc.graph.fuse import fingerprint_after, fuse_sibling_linears
 from rannc.graph.signature import CallSignature
@@ -73,6 +73,12 @@ def _first_call(model, optimizer_patch, config, args, kwargs, tensors, global_ar
         stray = [p for g in optimizer_patch.full_groups for p in g if id(p) not in model_params]
         if stray:
             raise ValueError(f"the optimizer holds {len(stray)} tensors that are not parameters of the model")
+    sparse = [name for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse:   # every rank alike, before any collective
+        raise ValueError(f"rannc sums, clips and steps dense gradients, and {', '.join(sparse[:3])} "
+                         f"{'is an embedding' if len(sparse) == 1 else 'are embeddings'} with sparse=True, whose "
+                         f"gradients are sparse tensors: build {'it' if len(sparse) == 1 else 'them'} with "
+                         f"sparse=False")
     params = [t for t in named.values() if isinstance(t, nn.Parameter)]
     # cast before the capture, so that the graph holds no casts of the weights (autocast's, on every forward)
     masters = MasterWeights(params, DTYPES[config.param_dtype]) if config.param_dtype else None
@@ -157,6 +163,13 @@ def _announce_outputs(model: nn.Module, captured: CapturedGraph, rank: int) -> N
         logger.warning("the model has BatchNorm layers: batch statistics are computed per micro-batch and "
                        "replica (as DDP without SyncBatchNorm); running statistics are averaged over a "
                        "stage's replicas after every training call")
+    written = written_buffers(captured)
+    if written:
+        logger.warning("the model's forward writes %d buffers besides BatchNorm's (%s%s; spectral_norm's power "
+                       "iteration, a running average): rannc runs the forward once per micro-batch, so they are "
+                       "written once per micro-batch and replica, and averaged over a stage's replicas after "
+                       "every training call; where a step is one micro-batch, once per step as in one process",
+                       len(written), ", ".join(written[:3]), ", ..." if len(written) > 3 else "")
 
 
 @dataclasses.dataclass

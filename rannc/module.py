@@ -69,6 +69,7 @@ class RaNNCModule(nn.Module):
         rdist.init(self.config.comm_timeout_s)
         faults.install()
         self.model = model
+        self.training = model.training   # a model put in eval mode before wrapping runs in eval mode, as it would
         self._optimizer_patch = OptimizerPatch(optimizer) if optimizer is not None else None
         self._dropout_enabled = True
         self._deployment: Deployment | None = None

@@ -290,6 +290,38 @@ def test_a_loss_pairing_the_samples_of_the_batch_is_named(caplog):
     assert not [r for r in caplog.records if r.name == "rannc.capture"]
 
 
+class _Checkpointed(torch.nn.Module):
+    """A layer under torch.utils.checkpoint, or under torch.no_grad() (`reentrant=None`)."""
+
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant is None:
+            with torch.no_grad():
+                target = self.a(x).sum(-1, keepdim=True)   # a target computed without gradients: legitimate
+            return (self.b(x) - target).pow(2).mean()
+        h = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant)
+        return self.b(torch.relu(h)).pow(2).mean()
+
+
+def test_a_reentrant_checkpoint_that_would_train_nothing_is_refused():
+    """torch.export traces a reentrant checkpoint, and all after it, with gradients off: backward would leave
+    every gradient empty, silently. The capture refuses it naming the way out; use_reentrant=False, a part
+    computed under no_grad, and parameters that do not train pass."""
+    from rannc.graph.capture import CaptureError, capture
+
+    x = torch.randn(4, 4)
+    with pytest.raises(CaptureError, match="use_reentrant=False"):
+        capture(_Checkpointed(reentrant=True), (x,))
+    capture(_Checkpointed(reentrant=False), (x,))
+    capture(_Checkpointed(reentrant=None), (x,))
+    frozen = _Checkpointed(reentrant=True).requires_grad_(False)
+    capture(frozen, (x,))
+
+
 def _len_mean_plan(rank, world, items):
     import rannc
     torch.manual_seed(0)
@@ -330,3 +362,22 @@ def _errors_with(fn, world, *args):
     with pytest.raises(RankError) as info:
         run_ranks(fn, world, *args, timeout=120)
     return info.value.errors
+
+
+class _SparseEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4, sparse=True)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids)).pow(2).mean()
+
+
+def test_sparse_gradients_are_refused_before_any_work():
+    """An embedding with sparse=True gives sparse gradients, which rannc's all-reduce and clipping do not take:
+    refused at the first call, naming the module (under data parallelism it failed in the all-reduce with
+    'unsupported memory format option Contiguous')."""
+    wrapped = rannc.RaNNCModule(_SparseEmbedding(), profile_repeats=1)
+    with pytest.raises(ValueError, match=r"embed is an embedding with sparse=True.*sparse=False"):
+        wrapped(torch.randint(0, 10, (4, 3)))

@@ -122,6 +122,46 @@ def test_capture_and_profiling_leave_state_untouched_and_batchnorm_follows_train
     assert model.bn.num_batches_tracked.item() == 1
 
 
+def test_a_model_in_eval_mode_before_wrapping_runs_in_eval_mode():
+    """model.eval() before RaNNCModule(model): the first call (the capture's, traced in train mode) and the next
+    use the running statistics and leave them alone, as the model itself would; train() then trains."""
+    import rannc
+    torch.manual_seed(0)
+    model = _BatchNormNet()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+    model.eval()
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)
+    assert not wrapped.training
+    x = torch.randn(8, 6)
+    for _ in range(2):
+        assert _rel(wrapped(x), reference(x)) < RTOL
+    assert model.bn.num_batches_tracked.item() == 0 and not model.training
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+    wrapped.train()
+    reference.train()
+    assert _rel(wrapped(x), reference(x)) < RTOL and model.bn.num_batches_tracked.item() == 1
+
+
+def test_a_batchnorm_frozen_in_eval_inside_a_training_model_stays_frozen():
+    """model.bn.eval() inside a model in train mode (a frozen BatchNorm, as when fine-tuning): the graph keeps it
+    on its running statistics, which stay as they were, and the layer's mode stays as the user set it."""
+    import rannc
+    torch.manual_seed(0)
+    model = _BatchNormNet()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+    model.bn.eval()
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)
+    x = torch.randn(8, 6)
+    for _ in range(2):
+        assert _rel(wrapped(x), reference(x)) < RTOL
+    assert model.training and not model.bn.training and model.bn.num_batches_tracked.item() == 0
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+
+
 def _undeploy_and_continue(rank, world):
     import rannc
     torch.manual_seed(0)
@@ -239,3 +279,40 @@ def _structured_outputs(rank, world, schedule):
 def test_structured_outputs_with_a_scalar_loss_inside():
     """GPipe (schedules running backwards inside the call refuse such a model: tests/test_bad_input.py)."""
     assert max(run_ranks(_structured_outputs, 2, "gpipe", timeout=200)) < RTOL
+
+
+class _RunningAverage(nn.Module):
+    """A running average of the batch's features kept by the model itself, updated under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.register_buffer("average", torch.zeros(4))
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():
+            self.average.mul_(0.9).add_(0.1 * h.mean(0))
+        return h.pow(2).mean()
+
+
+def _running_average(rank, world):
+    import rannc
+    torch.manual_seed(0)
+    model = _RunningAverage()
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, partition_num=1, min_pipeline=1, max_pipeline=1)
+    for step in range(2):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        wrapped(x.chunk(world)[rank]).backward()
+        reference(x).backward()
+    return model.average.clone(), reference.average
+
+
+def test_a_buffer_written_under_no_grad_is_averaged_over_replicas():
+    """Two replicas each average their 4 rows into the model's own buffer inside a no_grad block: averaged after
+    every training call, every rank holds the single process's value over the 8 rows (each kept its own
+    before rannc looked inside such blocks for writes)."""
+    (a0, expected), (a1, _) = run_ranks(_running_average, 2, timeout=120)
+    assert torch.equal(a0, a1)
+    torch.testing.assert_close(a0, expected, rtol=1e-6, atol=1e-7)

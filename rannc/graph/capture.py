@@ -78,16 +78,20 @@ def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
 @contextlib.contextmanager
 def _capture_mode(model: nn.Module):
     """Trace in train mode with autograd on and autocast off: the graph must hold dropout ops and fp32
-    ops; autocast is applied again when the stages run. Buffers (BatchNorm's running statistics) are put
-    back afterwards: tracing must not count as a training step."""
-    was_training = model.training
-    model.train()
+    ops; autocast is applied again when the stages run. A model in train mode is traced with its layers' modes
+    as they are (a BatchNorm kept in eval inside it, frozen, stays so in the graph); a model in eval mode is
+    traced with every layer in train mode. Every layer's mode and every buffer (BatchNorm's running
+    statistics) are put back afterwards: tracing must not count as a training step."""
+    modes = [(m, m.training) for m in model.modules()]
+    if not model.training:
+        model.train()
     try:
         with preserved_state(model), torch.enable_grad(), torch.autocast("cpu", enabled=False), (
                 torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()):
             yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
@@ -149,6 +153,73 @@ def _refuse_mutated_inputs(gm: fx.GraphModule, call: CallSignature, model_name: 
                        f"operation (x = x + ...)")
 
 
+def written_attrs(gm: fx.GraphModule, statistics: bool = True) -> list[fx.Node]:
+    """The get_attr nodes of `gm` whose tensors the graph writes in place: by its own operations (an in-place
+    op, an `out=` argument) and inside the regions export traced apart (`with torch.no_grad()` blocks, whose
+    inputs stand for values of the graph around them; spectral_norm's power iteration writes its vectors there).
+    With `statistics`, BatchNorm's running statistics and batch counter (written through the mode switches)
+    count too."""
+    found: list[fx.Node] = []
+
+    def walk(module: fx.GraphModule, outer: dict) -> None:
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:
+                region = _attr(module, node.args[1].target)
+                inner = [n for n in region.graph.nodes if n.op == "placeholder"]
+                walk(region, {p: outer.get(a, a) for p, a in zip(inner, node.args[2:])})
+                continue
+            if node.target is dropout_ops.batch_norm:
+                written = list(node.args[3:5]) if statistics else []
+            elif node.target is dropout_ops.count_batch:
+                written = list(node.args[:1]) if statistics else []
+            else:
+                written = mutated_args(node)
+            for arg in written:
+                arg = outer.get(arg, arg)
+                if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg not in found:
+                    found.append(arg)
+
+    walk(gm, {})
+    return found
+
+
+def written_buffers(captured: CapturedGraph) -> list[str]:
+    """Names of the buffers the forward writes other than BatchNorm's statistics (which the mode switches
+    handle): each is written once per run of the graph, so once per micro-batch."""
+    names: list[str] = []
+    for node in written_attrs(captured.gm, statistics=False):
+        tensor = _attr(captured.gm, node.target)
+        name = captured.tensor_names.get(id(tensor), str(node.target))
+        if not isinstance(tensor, nn.Parameter) and name not in names:
+            names.append(name)
+    return names
+
+
+def _refuse_outputs_without_grad(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Refuse a graph whose every output torch.export traced with gradients disabled, while the model has
+    parameters to train: no gradient would reach them, and backward would run without a word. This is how
+    export traces torch.utils.checkpoint(..., use_reentrant=True) (the checkpointed call and everything after
+    it), whose eager backward recomputes with gradients."""
+    grad_off = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+    def without_grad(node) -> bool:
+        if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
+            node = node.args[0]
+        return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is grad_off
+                and node.args[0] is False)
+
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if outputs and all(without_grad(n) for n in outputs) and any(p.requires_grad for p in model.parameters()):
+        raise CaptureError(f"{type(model).__name__}.forward computes every output with gradients disabled, as "
+                           f"torch.export traced it, so no gradient would reach a parameter. torch.export traces "
+                           f"torch.utils.checkpoint(..., use_reentrant=True) so: pass use_reentrant=False (or, for "
+                           f"Hugging Face models, gradient_checkpointing_kwargs={{'use_reentrant': False}}), or "
+                           f"drop the checkpointing, since rannc plans recomputation itself; for inference only, "
+                           f"set requires_grad=False on the parameters")
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_batch: bool = True) -> CapturedGraph:
     """Export `model(*args, **kwargs)`; raise CaptureError naming the failing operation.
 
@@ -184,6 +255,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
     gm = exported.module()
     _clean(gm)
     _refuse_mutated_inputs(gm, call, type(model).__name__)
+    _refuse_outputs_without_grad(gm, model)
     dropout_ops.route_dropout(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(tensors):

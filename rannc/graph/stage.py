@@ -14,9 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rannc.graph import dropout as switches
 from rannc.graph.blocks import Linearized
-from rannc.graph.capture import CapturedGraph, is_replicable
+from rannc.graph.capture import CapturedGraph, is_replicable, written_attrs
 
 
 @dataclass
@@ -39,23 +38,13 @@ class StageGraph:
         return list(self.module.parameters()) + list(self.module.buffers())
 
     def mutated_buffers(self) -> list:
-        """Buffers the stage writes while it runs (BatchNorm's running statistics and batch counter, or any
-        in-place op on a buffer)."""
+        """Buffers the stage writes while it runs (BatchNorm's running statistics and batch counter, any in-place
+        write to a buffer, also inside a `torch.no_grad()` block)."""
         found = []
-        for node in self.module.graph.nodes:
-            if node.op != "call_function":
-                continue
-            if node.target is switches.batch_norm:
-                candidates = node.args[3:5]
-            elif node.target is switches.count_batch or _in_place(node.target):
-                candidates = node.args[:1]
-            else:
-                continue
-            for arg in candidates:
-                if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                    t = self.module.get_buffer(arg.target) if _is_buffer(self.module, arg.target) else None
-                    if t is not None and all(t is not f for f in found):
-                        found.append(t)
+        for node in written_attrs(self.module):
+            t = self.module.get_buffer(node.target) if _is_buffer(self.module, node.target) else None
+            if t is not None and all(t is not f for f in found):
+                found.append(t)
         return found
 
     def named_tensors(self) -> list[tuple[str, object]]:
@@ -107,11 +96,6 @@ def row_cuts(captured: CapturedGraph, lin: Linearized, bounds: list[int]) -> lis
     symbols = batch_symbols(captured)
     return [all(f in (ROWS_NONE, 1) for f in row_factors(lin.crossing[b], symbols)) if b < lin.size else True
             for b in bounds]
-
-
-def _in_place(target) -> bool:
-    packet = getattr(target, "overloadpacket", None)
-    return packet is not None and packet.__name__.endswith("_") and not packet.__name__.startswith("_")
 
 
 def _is_buffer(module: nn.Module, target: str) -> bool:
