@@ -247,7 +247,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
             raise CaptureError(
                 f"rannc could not capture {type(model).__name__}.forward with torch.export (non-strict): "
                 f"{type(exc).__name__}: {summary}\nrannc needs a forward without data-dependent Python "
-                f"control flow on tensor values; see the operation and source line named above.") from exc
+                f"control flow on tensor values; see the operation and source line named above. Where that "
+                f"line is in a loss torch.export cannot trace (CTC's, whose shapes follow the labels' values), "
+                f"return the loss's inputs from forward and compute the loss outside the model.") from exc
     outputs = recorded[0] if recorded else None
     if outputs is None or not outputs.tensor_slots:
         raise CaptureError(f"{type(model).__name__}.forward returns no tensor; rannc needs a loss or batched "
