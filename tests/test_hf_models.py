@@ -3,7 +3,9 @@ arguments, `out = model(..., labels=...)`, `out.loss.backward()`), trained under
 a forced 2-stage pipeline of 3 micro-batches, against single-process training of a deep copy on the global
 batch: BertForPreTraining, GPT2LMHeadModel (use_cache left at its default, whose KV cache rannc drops with one
 warning, and use_cache=False passed in the call) and T5ForConditionalGeneration (encoder-decoder); all
-three tie their input and output embeddings, one weight used at both ends of the graph. Checked: the
+three tie their input and output embeddings, one weight used at both ends of the graph. LlamaForCausalLM
+(grouped-query attention, rotary positions, RMSNorm) and AlbertForPreTraining (one layer's weights shared by
+every layer, so by both stages) too. Checked: the
 returned object is the model's output class, the loss every step (the same on both ranks), each rank's rows
 of the batched outputs, and every parameter after 3 Adam steps with gradient clipping.
 
@@ -55,6 +57,23 @@ def _t5():
     return T5ForConditionalGeneration(config)
 
 
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def _albert():
+    from transformers import AlbertConfig, AlbertForPreTraining
+    config = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=SEQ,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AlbertForPreTraining(config)
+
+
 # ---- global batches (the same on every rank; each rank passes its rows) -------------------------------
 def _bert_batch(step):
     g = torch.Generator().manual_seed(100 + step)
@@ -82,12 +101,23 @@ def _t5_batch(step):
             "labels": torch.randint(2, VOCAB, (GLOBAL_BATCH, SEQ // 2), generator=g)}
 
 
+def _albert_batch(step):
+    batch = _bert_batch(400 + step)
+    return {**batch, "sentence_order_label": batch.pop("next_sentence_label")}
+
+
+def _llama_batch(step):
+    return _gpt2_batch(500 + step)
+
+
 # name: (build, batch, constant keyword arguments of the call, batched outputs to compare by rows)
 CASES = {
     "bert": (_bert, _bert_batch, {}, ["prediction_logits", "seq_relationship_logits"]),
     "gpt2": (_gpt2, _gpt2_batch, {}, ["logits"]),
     "gpt2_no_cache": (_gpt2, _gpt2_batch, {"use_cache": False}, ["logits"]),
     "t5": (_t5, _t5_batch, {}, ["logits", "encoder_last_hidden_state"]),
+    "llama": (_llama, _llama_batch, {"use_cache": False}, ["logits"]),      # grouped-query attention, RoPE
+    "albert": (_albert, _albert_batch, {}, ["prediction_logits", "sop_logits"]),   # one layer's weights, shared
 }
 
 
@@ -185,7 +215,7 @@ def _check(name, rank, r):
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_all_cases, 2, list(CASES), timeout=240)
+    return run_ranks(_all_cases, 2, list(CASES), timeout=360)
 
 
 @pytest.mark.parametrize("name", list(CASES))
