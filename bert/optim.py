@@ -140,6 +140,9 @@ class Lamb(torch.optim.Optimizer):
              grad_norm: torch.Tensor | float | None = None) -> torch.Tensor | None:
         """One LAMB step. ``grad_norm``: the norm that clipping to ``max_grad_norm`` compares, in place of the
         norm of this optimizer's own grads: the whole model's, where this process holds only a part of it."""
+        if grad_norm is not None and not self.max_grad_norm:
+            raise ValueError("Lamb.step(grad_norm=...) clips by that norm, but this Lamb has max_grad_norm=0 (no "
+                             "clipping): give it max_grad_norm, or leave grad_norm out")
         loss = None
         if closure is not None:
             with torch.enable_grad():

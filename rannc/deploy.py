@@ -167,8 +167,9 @@ def _announce_outputs(model: nn.Module, captured: CapturedGraph, rank: int) -> N
     if written:
         logger.warning("the model's forward writes %d buffers besides BatchNorm's (%s%s; spectral_norm's power "
                        "iteration, a running average): rannc runs the forward once per micro-batch, so they are "
-                       "written once per micro-batch and replica, and averaged over a stage's replicas after "
-                       "every training call; where a step is one micro-batch, once per step as in one process",
+                       "written once per micro-batch and replica, and the floating-point ones are averaged over a "
+                       "stage's replicas after every training call; where a step is one micro-batch, once per "
+                       "step as in one process",
                        len(written), ", ".join(written[:3]), ", ..." if len(written) > 3 else "")
 
 
@@ -233,7 +234,7 @@ def _make_plan(job: ProfileJob) -> Deployment:
                    for s in deployment.stages):
             raise DeploymentError(f"the deployment in {config.deployment_file} cuts micro-batches outside the "
                                   f"{captured.batch_range} rows the model's graph holds for (it branches on its "
-                                  f"batch size); plan anew")
+                                  f"batch size, or fixed it: see the warning at capture); plan anew")
         logger.info("Loaded deployment from %s", config.deployment_file)
         return deployment
     if captured.batch_range != (1, None) and not captured.batch_fixed:   # a fixed batch was named at capture

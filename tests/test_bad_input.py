@@ -261,6 +261,17 @@ def test_a_batch_size_fixed_by_len_is_named_and_kept(caplog):
     with caplog.at_level("WARNING", logger="rannc.capture"):
         one = capture(_LenMean(by_len=False), (x[:1],))
     assert (one.batch_fixed, one.batch_range) == (True, (1, 1)) and "1 row per process" in caplog.text
+    towers = capture(_TwoTowers(), (x, torch.randn(4, 4)))   # one input's batch fixed, the other's free
+    assert towers.batch_fixed and towers.outputs.kinds == ["batched", "batched"]
+
+
+class _TwoTowers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return self.fc(x) / len(x), self.fc(y)
 
 
 class _Contrastive(torch.nn.Module):
@@ -293,10 +304,10 @@ def test_a_loss_pairing_the_samples_of_the_batch_is_named(caplog):
 class _Checkpointed(torch.nn.Module):
     """A layer under torch.utils.checkpoint, or under torch.no_grad() (`reentrant=None`)."""
 
-    def __init__(self, reentrant: bool | None):
+    def __init__(self, reentrant: bool | None, early_output: bool = False):
         super().__init__()
         self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
-        self.reentrant = reentrant
+        self.reentrant, self.early_output = reentrant, early_output
 
     def forward(self, x):
         if self.reentrant is None:
@@ -304,18 +315,21 @@ class _Checkpointed(torch.nn.Module):
                 target = self.a(x).sum(-1, keepdim=True)   # a target computed without gradients: legitimate
             return (self.b(x) - target).pow(2).mean()
         h = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant)
-        return self.b(torch.relu(h)).pow(2).mean()
+        loss = self.b(torch.relu(h)).pow(2).mean()
+        return (loss, self.b(x)) if self.early_output else loss   # an output from before the checkpoint
 
 
 def test_a_reentrant_checkpoint_that_would_train_nothing_is_refused():
     """torch.export traces a reentrant checkpoint, and all after it, with gradients off: backward would leave
-    every gradient empty, silently. The capture refuses it naming the way out; use_reentrant=False, a part
-    computed under no_grad, and parameters that do not train pass."""
+    the gradients of the layers in and after it empty, silently, also where another output comes from before
+    it. The capture refuses it naming the way out; use_reentrant=False, a part computed under no_grad, and
+    parameters that do not train pass."""
     from rannc.graph.capture import CaptureError, capture
 
     x = torch.randn(4, 4)
-    with pytest.raises(CaptureError, match="use_reentrant=False"):
-        capture(_Checkpointed(reentrant=True), (x,))
+    for early_output in (False, True):
+        with pytest.raises(CaptureError, match="use_reentrant=False"):
+            capture(_Checkpointed(reentrant=True, early_output=early_output), (x,))
     capture(_Checkpointed(reentrant=False), (x,))
     capture(_Checkpointed(reentrant=None), (x,))
     frozen = _Checkpointed(reentrant=True).requires_grad_(False)

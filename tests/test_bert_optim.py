@@ -131,7 +131,6 @@ def test_lamb_matches_reference_loop(max_grad_norm, grad_scale, dtype, atol):
     assert moved > 0.1  # the comparison is not vacuous
 
 
-
 @pytest.mark.parametrize("grad_scale", [10.0, 1e-3], ids=["clipping-triggers", "clipping-idle"])
 def test_lamb_split_over_two_holders_clips_by_the_norm_it_is_given(grad_scale):
     """The model's parameters split between two Lambs (two pipeline stages), each stepped with the whole
@@ -164,6 +163,8 @@ def test_lamb_split_over_two_holders_clips_by_the_norm_it_is_given(grad_scale):
 
     for p, want in zip(split_run(pass_norm=True), expected):
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        Lamb(model.parameters(), lr=0.02, max_grad_norm=0).step(grad_norm=torch.tensor(2.0))
     local = split_run(pass_norm=False)
     worst = max(float((p.detach() - want).abs().max()) for p, want in zip(local, expected))
     assert (worst > 1e-6) == (grad_scale > 1.0)   # by its own part's norm: right only where nothing clips

@@ -179,7 +179,8 @@ def test_optimizer_step_is_timed_on_a_copy_of_the_wrapped_optimizer():
 def test_the_optimizer_steps_timing_is_measured_once_per_settings_and_kept(monkeypatch, tmp_path):
     """A second deployment plans with the first one's optimizer timing (a fresh one moved the cuts between
     deployments of one model): measured once per optimizer settings, dtype and device, then taken from this
-    process's memory, or from the cache directory in a new process; other settings are measured anew."""
+    process's memory, or from the cache directory in a new process; other settings are measured anew, another
+    learning rate (a scheduler's) is not."""
     from rannc.profile import update as update_module
     from rannc.profile.profiles import UpdateProfile
 
@@ -196,7 +197,9 @@ def test_the_optimizer_steps_timing_is_measured_once_per_settings_and_kept(monke
     first = update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu, cache_dir=cache)
     again = update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.float32, cpu, cache_dir=cache)
     assert first == again and first.optimizer_ms_per_byte == 1.0 and measured == ["Adam"]
-    update_module.cached_update(torch.optim.Adam(params, lr=0.2), torch.float32, cpu, cache_dir=cache)
+    update_module.cached_update(torch.optim.Adam(params, lr=0.2), torch.float32, cpu, cache_dir=cache)   # kept
+    update_module.cached_update(torch.optim.Adam(params, lr=0.1, weight_decay=0.1), torch.float32, cpu,
+                                cache_dir=cache)
     update_module.cached_update(torch.optim.SGD(params, lr=0.1), torch.float32, cpu, cache_dir=cache)
     update_module.cached_update(torch.optim.Adam(params, lr=0.1), torch.bfloat16, cpu, cache_dir=cache)
     assert measured == ["Adam", "Adam", "SGD", "Adam"]

@@ -197,27 +197,31 @@ def written_buffers(captured: CapturedGraph) -> list[str]:
     return names
 
 
-def _refuse_outputs_without_grad(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Refuse a graph whose every output torch.export traced with gradients disabled, while the model has
-    parameters to train: no gradient would reach them, and backward would run without a word. This is how
-    export traces torch.utils.checkpoint(..., use_reentrant=True) (the checkpointed call and everything after
-    it), whose eager backward recomputes with gradients."""
-    grad_off = torch.ops.higher_order.wrap_with_set_grad_enabled
+_CHECKPOINT_SOURCE = "torch/utils/checkpoint.py"
 
-    def without_grad(node) -> bool:
-        if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
-            node = node.args[0]
-        return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is grad_off
-                and node.args[0] is False)
 
-    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    if outputs and all(without_grad(n) for n in outputs) and any(p.requires_grad for p in model.parameters()):
-        raise CaptureError(f"{type(model).__name__}.forward computes every output with gradients disabled, as "
-                           f"torch.export traced it, so no gradient would reach a parameter. torch.export traces "
-                           f"torch.utils.checkpoint(..., use_reentrant=True) so: pass use_reentrant=False (or, for "
-                           f"Hugging Face models, gradient_checkpointing_kwargs={{'use_reentrant': False}}), or "
-                           f"drop the checkpointing, since rannc plans recomputation itself; for inference only, "
-                           f"set requires_grad=False on the parameters")
+def _refuse_reentrant_checkpoint(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Refuse a graph holding torch.utils.checkpoint(..., use_reentrant=True) while the model has parameters to
+    train. torch.export traces its call as a region with gradients off (and often all after it too), without
+    the eager backward that recomputes the call with gradients: no gradient would reach the layers inside or
+    after it, and backward would run without a word. Found by the region's operations, whose source is the
+    checkpoint's own code; a `torch.no_grad()` block of the model is no such region and passes."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return
+    for node in gm.graph.nodes:
+        if not (node.op == "call_function" and node.target is torch.ops.higher_order.wrap_with_set_grad_enabled
+                and node.args[0] is False):
+            continue
+        region = _attr(gm, node.args[1].target)
+        if any(_CHECKPOINT_SOURCE in (n.meta.get("stack_trace") or "").replace("\\", "/")
+               for n in region.graph.nodes):
+            raise CaptureError(f"{type(model).__name__}.forward calls torch.utils.checkpoint(..., "
+                               f"use_reentrant=True), which torch.export traces with gradients disabled and "
+                               f"without its backward, so no gradient would reach the layers in and after it: pass "
+                               f"use_reentrant=False (or, for Hugging Face models, gradient_checkpointing_kwargs="
+                               f"{{'use_reentrant': False}}), or drop the checkpointing, since rannc plans "
+                               f"recomputation itself; for inference only, set requires_grad=False on the "
+                               f"parameters")
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_batch: bool = True) -> CapturedGraph:
@@ -257,7 +261,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
     gm = exported.module()
     _clean(gm)
     _refuse_mutated_inputs(gm, call, type(model).__name__)
-    _refuse_outputs_without_grad(gm, model)
+    _refuse_reentrant_checkpoint(gm, model)
     dropout_ops.route_dropout(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(tensors):
@@ -266,17 +270,17 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
                   if b and isinstance(p.meta.get("val"), torch.Tensor) and _symbolic(p.meta["val"].shape[0])}
     out_nodes = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     local_batch = next(iter(sizes.values()), 1)
+    batch_fixed = dynamic_batch and _fixed_batch(placeholders, batched, call.tensor_paths(), local_batch,
+                                                 type(model).__name__)
     try:
         outputs.classify([n.meta.get("val") if isinstance(n, fx.Node) else n for n in out_nodes], batch_dims,
-                         local_batch)
+                         local_batch, fixed=batch_fixed)
     except SignatureError as exc:
         raise CaptureError(str(exc)) from None
     tensor_names: dict[int, str] = {}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         tensor_names.setdefault(id(tensor), name)
-    batch_fixed = dynamic_batch and _fixed_batch(placeholders, batched, call.tensor_paths(), local_batch,
-                                                 type(model).__name__)
     _warn_pairs_of_samples(gm, placeholders, batched, type(model).__name__)
     return CapturedGraph(
         gm=gm,
@@ -313,7 +317,9 @@ def _fixed_batch(placeholders: list[fx.Node], batched: list[bool], paths: list[s
                        "number taken from the batch, such as len(x) or int(x.shape[0]), becomes a constant of the "
                        "graph, wrong for any other number of rows. Every micro-batch of every replica keeps %d "
                        "rows; use x.shape[0] inside tensor operations (torch.arange(x.shape[0]), "
-                       "loss.sum() / x.shape[0]) instead to let rannc cut micro-batches of any size",
+                       "loss.sum() / x.shape[0]) instead to let rannc cut micro-batches of any size. A loss that "
+                       "pairs the batch's samples (a contrastive loss whose labels are torch.arange(len(logits))) "
+                       "pairs those of one micro-batch only",
                        model_name, local_batch, ", ".join(fixed), local_batch)
     return True
 

@@ -130,10 +130,11 @@ class OutputSignature:
     def scalar_only(self) -> bool:
         return all(k == SCALAR for k in self.kinds)
 
-    def classify(self, values: list[Any], batch_dims: set, local_batch: int) -> None:
+    def classify(self, values: list[Any], batch_dims: set, local_batch: int, fixed: bool = False) -> None:
         """Set each tensor leaf's kind from its captured value (a fake tensor with symbolic sizes):
-        0-dim is SCALAR; a first dimension that is an input's batch dimension is BATCHED. Anything else
-        cannot be split or joined by rows and is refused here, before any profiling or planning."""
+        0-dim is SCALAR; a first dimension that is an input's batch dimension is BATCHED (with `fixed`, the
+        capture fixed the batch size of some input, and a first dimension of that size is one too). Anything
+        else cannot be split or joined by rows and is refused here, before any profiling or planning."""
         kinds, rows, dtypes = [], [], []
         for slot, value in zip(self.tensor_slots, values):
             path = _describe(self.paths[slot])
@@ -148,7 +149,7 @@ class OutputSignature:
             # a batch export fixed (len(x)) is a SymInt of a number: a number here, as without symbols
             symbolic = isinstance(first, torch.SymInt) and not first.node.expr.is_number
             first = first if symbolic else int(first)
-            batched = (str(first) in batch_dims) if symbolic else (not batch_dims and first == local_batch)
+            batched = (str(first) in batch_dims) if symbolic else ((fixed or not batch_dims) and first == local_batch)
             rest = tuple(value.shape[1:])
             if not batched or any(not isinstance(d, int) for d in rest):
                 raise SignatureError(

@@ -171,15 +171,19 @@ _SIMPLE = (bool, int, float, str, type(None))
 
 
 def _settings(optimizer: torch.optim.Optimizer | None) -> str:
-    """What the timing of a copy of this optimizer depends on: its class, constructor defaults and plain instance
-    attributes (a built-in clipping norm, a fused switch). Tensors, tables and the groups' parameters are not
-    settings."""
+    """What the timing of a copy of this optimizer depends on: its class, its first group's settings (what the
+    copy steps with, see _copy_of) and its public plain attributes (a built-in clipping norm, a fused switch).
+    Tensors, tables, the groups' parameters and step counters, learning rates (an LR scheduler moves them, and
+    they do not change the step's time) and private bookkeeping (a scheduler's mark of a step taken) are not
+    settings: a job deployed again mid-training keeps its timing."""
     if optimizer is None:
         return "no optimizer"
-    defaults = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (*_SIMPLE, tuple))}
-    attributes = {k: v for k, v in vars(optimizer).items() if isinstance(v, _SIMPLE)}
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    settings = {k: v for k, v in group.items() if isinstance(v, (*_SIMPLE, tuple))
+                and k not in ("params", "step") and not (k == "lr" or k.endswith("_lr"))}
+    attributes = {k: v for k, v in vars(optimizer).items() if not k.startswith("_") and isinstance(v, _SIMPLE)}
     kind = type(optimizer)
-    return repr((f"{kind.__module__}.{kind.__qualname__}", sorted(defaults.items()), sorted(attributes.items())))
+    return repr((f"{kind.__module__}.{kind.__qualname__}", sorted(settings.items()), sorted(attributes.items())))
 
 
 def cached_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, device: torch.device,
