@@ -94,27 +94,29 @@ def test_fingerprint_is_the_same_in_every_process():
 
 class _WritesBuffers(nn.Module):
     """spectral_norm (its power iteration writes two vectors, under no_grad, through out=), a running average
-    of its own, and BatchNorm (whose statistics the mode switches handle)."""
+    and a queue of its own, and BatchNorm (whose statistics the mode switches handle)."""
 
     def __init__(self):
         super().__init__()
         self.a = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4))
         self.bn = nn.BatchNorm1d(4)
         self.register_buffer("average", torch.zeros(4))
+        self.register_buffer("queue", torch.zeros(8, 4))
 
     def forward(self, x):
         h = self.bn(self.a(x))
         with torch.no_grad():
             self.average.mul_(0.9).add_(0.1 * h.mean(0))
+            self.queue[:2] = h[:2]   # written through a view, as a MoCo-style queue is
         return h.pow(2).mean()
 
 
 def test_buffers_written_in_forward_are_found_for_the_deployment_warning():
     """What the forward writes once per run of the graph, so once per micro-batch (named at deployment):
-    spectral_norm's vectors and the model's own average, not BatchNorm's statistics."""
+    spectral_norm's vectors and the model's own average and queue, not BatchNorm's statistics."""
     from rannc.graph.capture import written_buffers
 
     captured = capture(_WritesBuffers(), (torch.randn(4, 4),))
     assert written_buffers(captured) == ["a.parametrizations.weight.0._u", "a.parametrizations.weight.0._v",
-                                         "average"]
+                                         "average", "queue"]
     assert written_buffers(capture(models.make("bert"), tuple(models.global_batch("bert", 4, 0)))) == []

@@ -126,15 +126,21 @@ def mutated_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _base_placeholder(node: fx.Node) -> fx.Node | None:
-    """The input a value is (a view of), following view operations back."""
-    while node.op != "placeholder":
+def _view_base(node: fx.Node) -> fx.Node:
+    """The value a view is of, following view operations (an aliasing first argument) back as far as they go."""
+    while node.op == "call_function":
         schema = getattr(node.target, "_schema", None)
         first = schema.arguments[0] if schema is not None and schema.arguments else None
         if first is None or first.alias_info is None or not node.args or not isinstance(node.args[0], fx.Node):
-            return None
+            break
         node = node.args[0]
     return node
+
+
+def _base_placeholder(node: fx.Node) -> fx.Node | None:
+    """The input a value is (a view of), following view operations back."""
+    base = _view_base(node)
+    return base if base.op == "placeholder" else None
 
 
 def _refuse_mutated_inputs(gm: fx.GraphModule, call: CallSignature, model_name: str) -> None:
@@ -155,10 +161,10 @@ def _refuse_mutated_inputs(gm: fx.GraphModule, call: CallSignature, model_name: 
 
 def written_attrs(gm: fx.GraphModule, statistics: bool = True) -> list[fx.Node]:
     """The get_attr nodes of `gm` whose tensors the graph writes in place: by its own operations (an in-place
-    op, an `out=` argument) and inside the regions export traced apart (`with torch.no_grad()` blocks, whose
-    inputs stand for values of the graph around them; spectral_norm's power iteration writes its vectors there).
-    With `statistics`, BatchNorm's running statistics and batch counter (written through the mode switches)
-    count too."""
+    op, an `out=` argument, also into a view of the tensor) and inside the regions export traced apart (`with
+    torch.no_grad()` blocks, whose inputs stand for values of the graph around them; spectral_norm's power
+    iteration writes its vectors there). With `statistics`, BatchNorm's running statistics and batch counter
+    (written through the mode switches) count too."""
     found: list[fx.Node] = []
 
     def walk(module: fx.GraphModule, outer: dict) -> None:
@@ -177,8 +183,11 @@ def written_attrs(gm: fx.GraphModule, statistics: bool = True) -> list[fx.Node]:
             else:
                 written = mutated_args(node)
             for arg in written:
-                arg = outer.get(arg, arg)
-                if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg not in found:
+                if not isinstance(arg, fx.Node):
+                    continue
+                arg = _view_base(arg)   # a write into a slice of a buffer (queue[:n] = k) writes the buffer
+                arg = _view_base(outer[arg]) if arg in outer else arg
+                if arg.op == "get_attr" and arg not in found:
                     found.append(arg)
 
     walk(gm, {})
