@@ -94,7 +94,8 @@ def test_fingerprint_is_the_same_in_every_process():
 
 class _WritesBuffers(nn.Module):
     """spectral_norm (its power iteration writes two vectors, under no_grad, through out=), a running average
-    and a queue of its own, and BatchNorm (whose statistics the mode switches handle)."""
+    and a queue of its own, a counter written in an autocast block, and BatchNorm (whose statistics the mode
+    switches handle)."""
 
     def __init__(self):
         super().__init__()
@@ -102,12 +103,15 @@ class _WritesBuffers(nn.Module):
         self.bn = nn.BatchNorm1d(4)
         self.register_buffer("average", torch.zeros(4))
         self.register_buffer("queue", torch.zeros(8, 4))
+        self.register_buffer("calls", torch.zeros(()))
 
     def forward(self, x):
         h = self.bn(self.a(x))
         with torch.no_grad():
             self.average.mul_(0.9).add_(0.1 * h.mean(0))
             self.queue[:2] = h[:2]   # written through a view, as a MoCo-style queue is
+        with torch.autocast("cpu", dtype=torch.bfloat16):   # a region of its own in the graph
+            self.calls.add_(1.0)
         return h.pow(2).mean()
 
 
@@ -118,5 +122,5 @@ def test_buffers_written_in_forward_are_found_for_the_deployment_warning():
 
     captured = capture(_WritesBuffers(), (torch.randn(4, 4),))
     assert written_buffers(captured) == ["a.parametrizations.weight.0._u", "a.parametrizations.weight.0._v",
-                                         "average", "queue"]
+                                         "average", "queue", "calls"]
     assert written_buffers(capture(models.make("bert"), tuple(models.global_batch("bert", 4, 0)))) == []

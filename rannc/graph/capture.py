@@ -159,22 +159,36 @@ def _refuse_mutated_inputs(gm: fx.GraphModule, call: CallSignature, model_name: 
                        f"operation (x = x + ...)")
 
 
+def _region_arg(module: fx.GraphModule, node: fx.Node) -> int | None:
+    """Where a higher-order operation export made of a block of the forward (`torch.no_grad()`,
+    `torch.autocast(...)`) holds its subgraph among its arguments; the arguments after it are the subgraph's
+    inputs. None for any other node."""
+    if not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return None
+    for i, arg in enumerate(node.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and isinstance(_attr(module, arg.target),
+                                                                             fx.GraphModule):
+            return i
+    return None
+
+
 def written_attrs(gm: fx.GraphModule, statistics: bool = True) -> list[fx.Node]:
     """The get_attr nodes of `gm` whose tensors the graph writes in place: by its own operations (an in-place
     op, an `out=` argument, also into a view of the tensor) and inside the regions export traced apart (`with
-    torch.no_grad()` blocks, whose inputs stand for values of the graph around them; spectral_norm's power
-    iteration writes its vectors there). With `statistics`, BatchNorm's running statistics and batch counter
-    (written through the mode switches) count too."""
+    torch.no_grad()` and `with torch.autocast()` blocks, whose inputs stand for values of the graph around them;
+    spectral_norm's power iteration writes its vectors there). With `statistics`, BatchNorm's running statistics
+    and batch counter (written through the mode switches) count too."""
     found: list[fx.Node] = []
 
     def walk(module: fx.GraphModule, outer: dict) -> None:
         for node in module.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:
-                region = _attr(module, node.args[1].target)
+            region_at = _region_arg(module, node)
+            if region_at is not None:
+                region = _attr(module, node.args[region_at].target)
                 inner = [n for n in region.graph.nodes if n.op == "placeholder"]
-                walk(region, {p: outer.get(a, a) for p, a in zip(inner, node.args[2:])})
+                walk(region, {p: outer.get(a, a) for p, a in zip(inner, node.args[region_at + 1:])})
                 continue
             if node.target is dropout_ops.batch_norm:
                 written = list(node.args[3:5]) if statistics else []
