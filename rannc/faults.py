@@ -292,14 +292,7 @@ def barrier() -> None:
     the failed rank never made: under NCCL the watchdog's abort can end a barrier as if it had passed."""
     if rdist.get_world_size() < 2:
         return
-    try:
-        rdist.barrier()
-    except RankFailure:
-        raise
-    except Exception as exc:
-        if is_comm_error(exc) and _store() is not None:
-            raise explain(exc, "a barrier") from exc
-        raise
+    explained("a barrier")(rdist.barrier)()   # a failed collective explained as any other
     reported = _read_failure(0.0)
     if reported is not None:
         raise RankFailure(f"{reported} [rank {rdist.get_rank()} stopped in a barrier]")

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from rannc.graph import dropout as dropout_ops
-from rannc.graph.signature import CallSignature, OutputSignature, SignatureError
+from rannc.graph.signature import CallSignature, OutputSignature, SignatureError, is_symbolic
 
 logger = logging.getLogger("rannc.capture")
 
@@ -289,12 +289,14 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(tensors):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs but forward got {len(tensors)}")
-    batch_dims = {str(p.meta["val"].shape[0]) for p, b in zip(placeholders, batched)
-                  if b and isinstance(p.meta.get("val"), torch.Tensor) and _symbolic(p.meta["val"].shape[0])}
+    # each batched input's first dimension as traced (None for the others): a symbol, or a number export fixed
+    firsts = [p.meta["val"].shape[0] if b and isinstance(p.meta.get("val"), torch.Tensor) else None
+              for p, b in zip(placeholders, batched)]
+    symbols = [size for size in firsts if size is not None and is_symbolic(size)]
+    batch_dims = {str(size) for size in symbols}
     out_nodes = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     local_batch = next(iter(sizes.values()), 1)
-    batch_fixed = dynamic_batch and _fixed_batch(placeholders, batched, call.tensor_paths(), local_batch,
-                                                 type(model).__name__)
+    batch_fixed = dynamic_batch and _fixed_batch(firsts, call.tensor_paths(), local_batch, type(model).__name__)
     try:
         outputs.classify([n.meta.get("val") if isinstance(n, fx.Node) else n for n in out_nodes], batch_dims,
                          local_batch, fixed=batch_fixed)
@@ -304,7 +306,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         tensor_names.setdefault(id(tensor), name)
-    _warn_pairs_of_samples(gm, placeholders, batched, type(model).__name__)
+    _warn_pairs_of_samples(gm, {size.node.expr for size in symbols}, type(model).__name__)
     return CapturedGraph(
         gm=gm,
         input_names=[n.name for n in placeholders],
@@ -313,21 +315,18 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         outputs=outputs,
         fingerprint=_fingerprint(gm, model, tensors, call),
         tensor_names=tensor_names,
-        batch_range=(local_batch, local_batch) if batch_fixed else _batch_range(exported, placeholders, batched),
+        batch_range=(local_batch, local_batch) if batch_fixed else _batch_range(exported, symbols),
         batch_fixed=batch_fixed,
     )
 
 
-def _fixed_batch(placeholders: list[fx.Node], batched: list[bool], paths: list[str], local_batch: int,
-                 model_name: str) -> bool:
+def _fixed_batch(firsts: list, paths: list[str], local_batch: int, model_name: str) -> bool:
     """Whether export made a batched input's first dimension a number instead of a symbol, and so fixed the
     batch size of the whole graph: a Python number taken from the batch (`len(x)`, `int(x.shape[0])`) is
     recorded as a constant, and a batch of one row is never traced symbolically. Any other micro-batch size
     would run with that constant, silently wrong (`loss.sum() / len(x)`), so the plan must keep every
     micro-batch at the captured size; warns saying why."""
-    fixed = [path for path, node, is_batched in zip(paths, placeholders, batched)
-             if is_batched and isinstance(node.meta.get("val"), torch.Tensor)
-             and not _symbolic(node.meta["val"].shape[0])]
+    fixed = [path for path, size in zip(paths, firsts) if size is not None and not is_symbolic(size)]
     if not fixed:
         return False
     if local_batch == 1:
@@ -347,14 +346,11 @@ def _fixed_batch(placeholders: list[fx.Node], batched: list[bool], paths: list[s
     return True
 
 
-def _warn_pairs_of_samples(gm: fx.GraphModule, placeholders: list[fx.Node], batched: list[bool],
-                           model_name: str) -> None:
+def _warn_pairs_of_samples(gm: fx.GraphModule, symbols: set, model_name: str) -> None:
     """Warn, once, where the graph pairs the batch's samples with each other (a value with the batch size in
     two dimensions, such as a contrastive loss's batch x batch similarities): rannc runs the graph on each
     micro-batch, so such a value pairs only the samples of one micro-batch, and a loss built from it is the
     mean of the micro-batches' losses (as under DistributedDataParallel), not the global batch's."""
-    symbols = {p.meta["val"].shape[0].node.expr for p, b in zip(placeholders, batched)
-               if b and isinstance(p.meta.get("val"), torch.Tensor) and _symbolic(p.meta["val"].shape[0])}
     if not symbols:
         return
     for node in gm.graph.nodes:
@@ -373,22 +369,14 @@ def _warn_pairs_of_samples(gm: fx.GraphModule, placeholders: list[fx.Node], batc
             return
 
 
-def _symbolic(size) -> bool:
-    """Whether a traced size is a symbol: export keeps a specialised one as a SymInt of a number."""
-    return isinstance(size, torch.SymInt) and not size.node.expr.is_number
-
-
-def _batch_range(exported, placeholders: list[fx.Node], batched: list[bool]) -> tuple[int, int | None]:
+def _batch_range(exported, symbols: list) -> tuple[int, int | None]:
     """The batch sizes the graph is valid for. Python code that branches on the batch size (`if x.shape[0] > 6`)
     is traced down one branch, and export narrows the batch symbol's range to the sizes that take it; the graph
     must run only micro-batches within it (its runtime guard is dropped with the others, see _clean). Export's
     lower bound of 2 is its default (sizes 0 and 1 are not traced symbolically) and is read as 1: a branch on
-    `batch > 1` itself cannot be told apart."""
-    for node, is_batched in zip(placeholders, batched):
-        value = node.meta.get("val")
-        if not (is_batched and isinstance(value, torch.Tensor) and _symbolic(value.shape[0])):
-            continue
-        bounds = exported.range_constraints.get(value.shape[0].node.expr)
+    `batch > 1` itself cannot be told apart. `symbols`: the batched inputs' first dimensions that are symbols."""
+    for size in symbols:
+        bounds = exported.range_constraints.get(size.node.expr)
         if bounds is None:
             continue
         low = int(bounds.lower)

@@ -96,6 +96,11 @@ class CallSignature:
         return [self.paths[i] for i in self.tensor_slots]
 
 
+def is_symbolic(size) -> bool:
+    """Whether a traced size is a symbol: export keeps one it specialised (`len(x)`) as a SymInt of a number."""
+    return isinstance(size, torch.SymInt) and not size.node.expr.is_number
+
+
 @dataclass
 class OutputSignature:
     """The structure of forward's result: tensor leaves (the graph outputs, in order) with their kind, and
@@ -146,8 +151,7 @@ class OutputSignature:
                 rows.append(())
                 continue
             first = value.shape[0]
-            # a batch export fixed (len(x)) is a SymInt of a number: a number here, as without symbols
-            symbolic = isinstance(first, torch.SymInt) and not first.node.expr.is_number
+            symbolic = is_symbolic(first)   # a batch export fixed (len(x)) is a number here, as without symbols
             first = first if symbolic else int(first)
             batched = (str(first) in batch_dims) if symbolic else ((fixed or not batch_dims) and first == local_batch)
             rest = tuple(value.shape[1:])

@@ -77,10 +77,6 @@ class Piece:
     def __post_init__(self) -> None:
         self.params = self.stage.parameters()
         self.run = self.compiled if self.compiled is not None else self.stage.module
-        # a call whose backward may run twice (keep_graph) runs eagerly: torch.compile's backward refuses
-        # retain_graph (AOTAutograd's donated buffers), and compiled with them off, its second run added next to
-        # nothing (an MLP of Linear + ReLU with mse_loss, torch 2.13 on the CPU)
-        self.run_kept = self.stage.module
 
 
 @dataclass
@@ -225,7 +221,10 @@ class StageRuntime:
         received = self._receive_values(piece, sources, mb_key, grad, self._posted.pop(action, None))
         args = received + [inputs[i][chunk.start:chunk.stop] if self.batched_inputs[i] else inputs[i]
                            for i in piece.stage.inputs]
-        run = piece.run_kept if self.keep_graph and grad else piece.run
+        # a call whose backward may run twice (keep_graph) runs eagerly: torch.compile's backward refuses
+        # retain_graph (AOTAutograd's donated buffers), and compiled with them off, its second run added next to
+        # nothing (an MLP of Linear + ReLU with mse_loss, torch 2.13 on the CPU)
+        run = piece.stage.module if self.keep_graph and grad else piece.run
         if piece.recompute and grad:
             outputs = checkpoint(_first_run_then_recompute(run), *args, use_reentrant=False)
         else:
