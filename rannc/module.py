@@ -118,6 +118,13 @@ class RaNNCModule(nn.Module):
             self._placement, self._engine = installed.placement, installed.engine
             self._state_keys = installed.state_keys
             self._masters = installed.masters
+        if not self.training and self._captured.eval_difference is not None:
+            raise RuntimeError(
+                f"rannc: {type(self.model).__name__}.forward runs other operations in eval mode than in train mode, "
+                f"beyond dropout and BatchNorm, which rannc switches itself: {self._captured.eval_difference}. rannc "
+                f"runs the graph it traced in train mode, so this call would run the train-mode operations. Evaluate "
+                f"a copy of the model outside rannc (load this module's state_dict() into it), or let the branch "
+                f"follow an argument of forward instead of self.training")
         local = self._local_rows_only()
         batch_args = tensors if local else (global_args or self._global_batch(tensors))
         leaves = self._engine.run(batch_args, local, self.config.gather_inputs, train=self.training,

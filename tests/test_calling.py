@@ -162,6 +162,87 @@ def test_a_batchnorm_frozen_in_eval_inside_a_training_model_stays_frozen():
     assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
 
 
+class _RecurrentNet(nn.Module):
+    """Layers whose mode decides more than dropout masks in plain torch ops: an LSTM dropping out between its
+    layers (a flag of its one op), alpha dropout, attention whose dropout rate follows self.training, BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 6, num_layers=2, dropout=0.5, batch_first=True)
+        self.bn = nn.BatchNorm1d(6)
+        self.alpha = nn.AlphaDropout(0.3)
+        self.attention_dropout = 0.2
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        y = self.alpha(self.bn(y.transpose(1, 2)).transpose(1, 2))
+        y = F.scaled_dot_product_attention(y, y, y, dropout_p=self.attention_dropout if self.training else 0.0)
+        return self.head(y).sum()
+
+
+def test_recurrent_and_alpha_dropout_follow_eval_mode_and_enable_dropout():
+    """With enable_dropout(False) in train mode the LSTM drops nothing between its layers, nor alpha dropout nor
+    attention (against the model with those rates at 0), and the LSTM still trains; in eval mode neither drops
+    out, as in the model itself (the graph is traced in train mode, where the LSTM's and alpha dropout's ops
+    carry train=True). The model reads self.training, so the capture compares both modes' graphs, and finds no
+    difference beyond what rannc switches."""
+    import rannc
+    torch.manual_seed(0)
+    model = _RecurrentNet()
+    reference = copy.deepcopy(model)
+    reference.lstm.dropout, reference.alpha.p, reference.attention_dropout = 0.0, 0.0, 0.0
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)
+    wrapped.enable_dropout(False)
+    x = torch.randn(8, 5, 6)
+    loss, ref = wrapped(x), reference(x)
+    assert wrapped._captured.eval_difference is None
+    assert _rel(loss, ref) < RTOL
+    loss.backward()
+    ref.backward()
+    assert _rel(model.lstm.weight_ih_l1.grad, reference.lstm.weight_ih_l1.grad) < RTOL
+    wrapped.eval()
+    reference.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            assert _rel(wrapped(x), reference(x)) < RTOL
+
+
+class _TrainOnlyTerm(nn.Module):
+    """A model whose own code adds a term in train mode only: not something rannc's switches know of."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.training:
+            y = y + 1.0
+        return y.sum()
+
+
+def test_eval_calls_are_refused_where_the_forward_branches_on_training_beyond_dropout():
+    """The graph holds the train-mode branch; an eval-mode call would run it. Training runs as the model does;
+    an eval-mode call raises, naming the operation and the source line, before running anything; a model in
+    eval mode when wrapped is refused at its first call the same way."""
+    import rannc
+    torch.manual_seed(0)
+    model = _TrainOnlyTerm()
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)
+    x = torch.randn(8, 6)
+    assert _rel(wrapped(x), reference(x)) < RTOL
+    wrapped.eval()
+    with pytest.raises(RuntimeError, match=r"(?s)eval mode.*aten\.add\.Tensor.*y = y \+ 1\.0"):
+        wrapped(x)
+    wrapped.train()
+    assert _rel(wrapped(x), reference(x)) < RTOL      # training goes on after the refusal
+    in_eval = _TrainOnlyTerm().eval()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        rannc.RaNNCModule(in_eval, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)(x)
+
+
 def _undeploy_and_continue(rank, world):
     import rannc
     torch.manual_seed(0)

@@ -124,3 +124,31 @@ def test_buffers_written_in_forward_are_found_for_the_deployment_warning():
     assert written_buffers(captured) == ["a.parametrizations.weight.0._u", "a.parametrizations.weight.0._v",
                                          "average", "queue", "calls"]
     assert written_buffers(capture(models.make("bert"), tuple(models.global_batch("bert", 4, 0)))) == []
+
+
+class _NoiseInTraining(nn.Module):
+    """Adds noise in train mode only, through its own code: the eval-mode graph lacks an operation."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.training:
+            h = h + 0.1 * torch.randn_like(h)
+        return h.mean()
+
+
+def test_the_forward_is_traced_in_eval_mode_too_only_where_its_code_reads_training(monkeypatch):
+    """Dropout and BatchNorm layers read self.training in torch's own code, which rannc switches: one export.
+    A model whose code reads it gets a second export, in eval mode, and the difference is named with its
+    source line."""
+    exports = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real(*a, **k))
+    plain = capture(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.BatchNorm1d(4)), (torch.randn(3, 4),))
+    assert len(exports) == 1 and plain.eval_difference is None
+    noisy = capture(_NoiseInTraining(), (torch.randn(3, 4),))
+    assert len(exports) == 3
+    assert "randn_like" in noisy.eval_difference and "h = h + 0.1 * torch.randn_like(h)" in noisy.eval_difference

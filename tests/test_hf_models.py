@@ -7,7 +7,7 @@ three tie their input and output embeddings, one weight used at both ends of the
 (grouped-query attention, rotary positions, RMSNorm) and AlbertForPreTraining (one layer's weights shared by
 every layer, so by both stages) too. Checked: the
 returned object is the model's output class, the loss every step (the same on both ranks), each rank's rows
-of the batched outputs, and every parameter after 3 Adam steps with gradient clipping.
+of the batched outputs, every parameter after 3 Adam steps with gradient clipping, and an eval-mode loss.
 
 Every model is built from a tiny config with all dropout off, so both sides are deterministic. The labels
 have no ignored (-100) tokens: HF's per-token mean losses then equal the mean over samples, which is what
@@ -177,6 +177,14 @@ def _train_pair(rank, world, name):
         ref_optimizer.step()
         optimizer.zero_grad()
         ref_optimizer.zero_grad()
+    # eval mode: these models read self.training (dropout rates, checkpointing), and the capture found their
+    # eval-mode graphs equal to the train-mode ones beyond what rannc switches, so evaluation runs
+    wrapped.eval()
+    reference.eval()
+    with torch.no_grad():
+        batch = make_batch(STEPS)
+        out = wrapped(**{k: v[rows] for k, v in batch.items()}, **constants)
+        result["eval_err"] = _rel(out.loss, reference(**batch, **constants).loss)
     state = wrapped.state_dict(rank0_only=False)
     ref_state = reference.state_dict()
     result["keys"] = (sorted(state), sorted(ref_state))
@@ -202,6 +210,7 @@ def _check(name, rank, r):
     for key, err in r["output_err"].items():
         assert err < RTOL, f"{name}, rank {rank}: {key} differs from the reference's rows by {err:.2e}"
     assert r["param_err"] < RTOL, f"{name}: parameters differ by {r['param_err']:.2e} (relative)"
+    assert r["eval_err"] < RTOL, f"{name}: the eval-mode loss differs by {r['eval_err']:.2e} (relative)"
     assert r["moved"] > 1e-4, f"{name}: training did not change the parameters ({r['moved']:.1e})"
     if name in ("gpt2", "t5"):  # use_cache defaults to True: the model returns a KV cache, rannc drops it
         assert r["dropped"], f"{name}: the model returned no cache"

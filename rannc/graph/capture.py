@@ -5,7 +5,9 @@ itself takes and returns flat tensors.
 
 The graph keeps the user's parameter objects (so the user's optimizer still refers to them), has one
 node per tensor operation, a symbolic batch dimension on every batched input (so any micro-batch size
-runs through it), and dropout routed through switches that `enable_dropout` and `eval()` control. Where the
+runs through it), and dropout routed through switches that `enable_dropout` and `eval()` control (where the
+model's own code reads `self.training`, an eval-mode trace says whether eval mode would run other operations:
+rannc.graph.modes). Where the
 forward fixes the batch size (a Python number taken from it, or a batch of one row), the graph holds for that
 size only, and `batch_range` says so.
 """
@@ -25,6 +27,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from rannc.graph import dropout as dropout_ops
+from rannc.graph.modes import mode_difference, mode_ops, reads_training
 from rannc.graph.signature import CallSignature, OutputSignature, SignatureError, is_symbolic
 
 logger = logging.getLogger("rannc.capture")
@@ -47,6 +50,7 @@ class CapturedGraph:
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> first state_dict name
     batch_range: tuple[int, int | None] = (1, None)  # rows the graph holds for (a branch on the batch size)
     batch_fixed: bool = False            # the graph holds for the captured batch size only (see _fixed_batch)
+    eval_difference: str | None = None   # where eval mode runs other operations than the graph (rannc.graph.modes)
 
     def output_nodes(self) -> list[Any]:
         return list(next(n for n in self.gm.graph.nodes if n.op == "output").args[0])
@@ -76,14 +80,17 @@ def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
 
 
 @contextlib.contextmanager
-def _capture_mode(model: nn.Module):
+def _capture_mode(model: nn.Module, train: bool = True):
     """Trace in train mode with autograd on and autocast off: the graph must hold dropout ops and fp32
     ops; autocast is applied again when the stages run. A model in train mode is traced with its layers' modes
     as they are (a BatchNorm kept in eval inside it, frozen, stays so in the graph); a model in eval mode is
-    traced with every layer in train mode. Every layer's mode and every buffer (BatchNorm's running
-    statistics) are put back afterwards: tracing must not count as a training step."""
+    traced with every layer in train mode. `train=False`: every layer in eval mode (the mode check's trace).
+    Every layer's mode and every buffer (BatchNorm's running statistics) are put back afterwards: tracing
+    must not count as a training step."""
     modes = [(m, m.training) for m in model.modules()]
-    if not model.training:
+    if not train:
+        model.eval()
+    elif not model.training:
         model.train()
     try:
         with preserved_state(model), torch.enable_grad(), torch.autocast("cpu", enabled=False), (
@@ -282,6 +289,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         raise CaptureError(f"{type(model).__name__}.forward returns no tensor; rannc needs a loss or batched "
                            f"outputs to return")
     gm = exported.module()
+    train_ops = mode_ops(gm, dropout_ops.ROUTED_OPS)   # before the routing below renames the switched ops
     _clean(gm)
     _refuse_mutated_inputs(gm, call, type(model).__name__)
     _refuse_reentrant_checkpoint(gm, model)
@@ -307,6 +315,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
             model.named_buffers(remove_duplicate=False)):
         tensor_names.setdefault(id(tensor), name)
     _warn_pairs_of_samples(gm, {size.node.expr for size in symbols}, type(model).__name__)
+    # a dry run (a fixed batch) only plans; nothing runs in eval mode there
+    eval_difference = _eval_difference(model, call, tensors, shapes, train_ops) if dynamic_batch else None
     return CapturedGraph(
         gm=gm,
         input_names=[n.name for n in placeholders],
@@ -317,7 +327,26 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         tensor_names=tensor_names,
         batch_range=(local_batch, local_batch) if batch_fixed else _batch_range(exported, symbols),
         batch_fixed=batch_fixed,
+        eval_difference=eval_difference,
     )
+
+
+def _eval_difference(model: nn.Module, call: CallSignature, tensors: tuple, shapes, train_ops: list) -> str | None:
+    """Trace the forward again in eval mode, where the model's code reads `self.training` at all, and say where
+    its operations part from the train-mode graph's (None where they do not)."""
+    if not reads_training(model):
+        return None
+    with _capture_mode(model, train=False):
+        try:
+            exported = torch.export.export(_FlatCall(model, call, []), tensors, dynamic_shapes=shapes, strict=False)
+        except Exception as exc:  # export raises many types; the train-mode graph stands, eval mode cannot run
+            return f"the eval-mode forward could not be traced ({type(exc).__name__}: " \
+                   f"{(str(exc).strip().splitlines() or [''])[0]})"
+    difference = mode_difference(train_ops, mode_ops(exported.module(), dropout_ops.ROUTED_OPS))
+    if difference is not None:
+        logger.warning("%s.forward runs other operations in eval mode than in train mode (%s): rannc will refuse "
+                       "eval-mode calls, since its graph holds the train-mode ones", type(model).__name__, difference)
+    return difference
 
 
 def _fixed_batch(firsts: list, paths: list[str], local_batch: int, model_name: str) -> bool:

@@ -1,7 +1,8 @@
 """Mode switches of the captured graph. The graph is traced once, in train mode; its mode-dependent ops
 call these functions instead, which read switches the owning RaNNCModule sets around each run:
 
-- dropout draws masks only in train mode with dropout enabled (`enable_dropout`);
+- dropout (also alpha dropout, attention's, and recurrent layers' between layers) draws masks only in train mode
+  with dropout enabled (`enable_dropout`);
 - BatchNorm uses batch statistics and updates its running statistics only in train mode (a layer without
   running statistics always normalises by the batch, as in eager PyTorch); while a stage recomputes its
   forward for backward, running statistics and batch counters are left alone, so a recomputed micro-batch
@@ -62,6 +63,29 @@ def feature_dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
     return torch.ops.aten.feature_dropout.default(x, p, train and _state.active)
 
 
+def alpha_dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+    return torch.ops.aten.alpha_dropout.default(x, p, train and _state.active)
+
+
+def feature_alpha_dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+    return torch.ops.aten.feature_alpha_dropout.default(x, p, train and _state.active)
+
+
+def _recurrent(op, dropout_at: int):
+    """nn.LSTM/GRU/RNN's op, whose `train` argument (after `dropout`) says whether to drop out between layers:
+    in eval mode neither, as eager; with dropout disabled in train mode the rate is 0 and `train` stays, since
+    cuDNN's backward needs the training variant."""
+    def run(*args):
+        args = list(args)
+        if not _state.active:
+            args[dropout_at] = 0.0
+        args[dropout_at + 1] = args[dropout_at + 1] and _state.training
+        return op(*args)
+
+    run.__name__ = run.__qualname__ = "recurrent_" + op.__name__.replace(".", "_")   # stable in fingerprints
+    return run
+
+
 def sdpa(*args, **kwargs) -> torch.Tensor:
     if not _state.active:
         if len(args) > 4:
@@ -92,7 +116,16 @@ _ROUTES = {
     torch.ops.aten.feature_dropout.default: feature_dropout,
     torch.ops.aten.scaled_dot_product_attention.default: sdpa,
     torch.ops.aten.batch_norm.default: batch_norm,
+    torch.ops.aten.alpha_dropout.default: alpha_dropout,
+    torch.ops.aten.feature_alpha_dropout.default: feature_alpha_dropout,
 }
+_aten = torch.ops.aten
+for _op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu):
+    _ROUTES[_op.input] = _recurrent(_op.input, 5)      # (input, hx, params, has_biases, layers, dropout, train, ...)
+    _ROUTES[_op.data] = _recurrent(_op.data, 6)        # (data, batch_sizes, hx, params, ..., dropout, train, ...)
+# The ops whose mode the switches decide: their train flags and rates may differ between a graph traced in
+# train mode and one traced in eval mode without the run differing (capture's mode check).
+ROUTED_OPS = frozenset(_ROUTES)
 
 
 def route_dropout(gm: fx.GraphModule) -> None:
