@@ -286,6 +286,33 @@ class _Contrastive(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits, torch.arange(x.shape[0]))
 
 
+def _capture_warnings(rank, world):
+    """The warnings of one capture on this rank (every rank traces the same forward)."""
+    import logging
+
+    from rannc import dist as rdist
+    from rannc.graph.capture import capture
+
+    rdist.init(60)   # as RaNNCModule does before it captures
+
+    class Keep(logging.Handler):
+        messages: list = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    logging.getLogger("rannc.capture").addHandler(keep)
+    capture(_LenMean(), (torch.randn(4, 4),))
+    return keep.messages
+
+
+def test_capture_warnings_come_from_rank_0_only():
+    """A warning about the traced forward is the same on every rank, so only rank 0 gives it."""
+    first, second = run_ranks(_capture_warnings, 2, timeout=120)
+    assert len(first) == 1 and "fixed the batch size" in first[0] and second == []
+
+
 def test_a_loss_pairing_the_samples_of_the_batch_is_named(caplog):
     """Batch x batch similarities are computed within each micro-batch: a warning names the value and the
     line; a transformer's attention (the batch once in its scores' shape) gets none."""

@@ -33,6 +33,13 @@ from rannc.graph.signature import CallSignature, OutputSignature, SignatureError
 logger = logging.getLogger("rannc.capture")
 
 
+def _warn(message: str, *args) -> None:
+    """A capture warning, from rank 0 only: every rank traces the same forward and would say the same."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    logger.warning(message, *args)
+
+
 class CaptureError(RuntimeError):
     """The model's forward cannot be turned into a graph."""
 
@@ -344,7 +351,7 @@ def _eval_difference(model: nn.Module, call: CallSignature, tensors: tuple, shap
                    f"{(str(exc).strip().splitlines() or [''])[0]})"
     difference = mode_difference(train_ops, mode_ops(exported.module(), dropout_ops.ROUTED_OPS))
     if difference is not None:
-        logger.warning("%s.forward runs other operations in eval mode than in train mode (%s): rannc will refuse "
+        _warn("%s.forward runs other operations in eval mode than in train mode (%s): rannc will refuse "
                        "eval-mode calls, since its graph holds the train-mode ones", type(model).__name__, difference)
     return difference
 
@@ -359,12 +366,12 @@ def _fixed_batch(firsts: list, paths: list[str], local_batch: int, model_name: s
     if not fixed:
         return False
     if local_batch == 1:
-        logger.warning("%s.forward was captured with 1 row per process, and torch.export does not trace a batch "
+        _warn("%s.forward was captured with 1 row per process, and torch.export does not trace a batch "
                        "of one row symbolically: the graph holds for micro-batches of 1 row only, and the plan "
                        "keeps to them; call the model with at least 2 rows per process to let rannc cut "
                        "micro-batches of any size", model_name)
     else:
-        logger.warning("%s.forward fixed the batch size at %d rows while it was captured (inputs %s): a Python "
+        _warn("%s.forward fixed the batch size at %d rows while it was captured (inputs %s): a Python "
                        "number taken from the batch, such as len(x) or int(x.shape[0]), becomes a constant of the "
                        "graph, wrong for any other number of rows. Every micro-batch of every replica keeps %d "
                        "rows; use x.shape[0] inside tensor operations (torch.arange(x.shape[0]), "
@@ -390,7 +397,7 @@ def _warn_pairs_of_samples(gm: fx.GraphModule, symbols: set, model_name: str) ->
         if sum(in_batch) >= 2:
             trace = (node.meta.get("stack_trace") or "").strip().splitlines()
             where = f" ({trace[-2].strip()}: {trace[-1].strip()})" if len(trace) >= 2 else ""
-            logger.warning("%s.forward pairs the samples of its batch with each other: %s has shape %s%s. rannc "
+            _warn("%s.forward pairs the samples of its batch with each other: %s has shape %s%s. rannc "
                            "runs the model on micro-batches, so it pairs the samples of one micro-batch only, and "
                            "a loss built from it is the mean of the micro-batches' losses (as under "
                            "DistributedDataParallel), not the loss of the global batch", model_name, node.name,
