@@ -27,6 +27,7 @@ from bert.loss_scaling import DynamicLossScaler, unscale_
 from bert.modeling import BertConfig, BertForPreTrainingWithCriterion
 from bert.optim import Lamb, bert_param_groups
 from bert.schedulers import PolyWarmUpScheduler
+from bert.step_values import StepValues
 
 KEEP_CHECKPOINTS = 3  # NVIDIA keeps the newest three
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt")
@@ -483,20 +484,45 @@ def main(argv: list[str] | None = None) -> dict:
                     disable=True if args.disable_progress_bar or not is_main else None)
     samples_per_step = args.train_batch_size * world_size
     losses: list[float] = []
-    grad_norms: list = []   # device tensors until logged, then floats
+    grad_norms: list[float] = []
     final_loss = None
     average_loss, steps_since_log, skipped_steps = 0.0, 0, 0
     first_step_s, steady_start, steady_steps = 0.0, None, 0  # the first call includes rannc's planning
+    pending = StepValues()   # each step's loss and gradient norm on their way to the host: no waiting on them
+
+    def record(step: int, values: list[float], extra: tuple) -> None:
+        """One step's values have reached the host: keep them, and write the log record where one is due."""
+        nonlocal average_loss, steps_since_log, final_loss
+        step_loss, grad_norm = values
+        epoch, lr, step_s = extra
+        losses.append(step_loss)
+        grad_norms.append(grad_norm)
+        average_loss += step_loss
+        steps_since_log += 1
+        progress.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{samples_per_step / step_s:.1f}",
+                             step_ms=f"{1000 * step_s:.0f}", refresh=False)
+        if step % args.log_freq == 0 or step >= stop_step:
+            average_loss /= steps_since_log
+            dllogger.log([epoch, step], {"average_loss": average_loss, "step_loss": step_loss,
+                                         "learning_rate": lr, "grad_norm": grad_norm})
+            if progress.disable and is_main:  # no bar (flag, or not a terminal): one line per record
+                tqdm.write(f"step {step}: average_loss {average_loss:.4f} step_loss {step_loss:.4f} "
+                           f"learning_rate {lr:.3e} grad_norm {grad_norm:.3f} step_ms {1000 * step_s:.0f}",
+                           file=sys.stdout)
+                sys.stdout.flush()
+            final_loss, average_loss, steps_since_log = average_loss, 0.0, 0
+
     while global_step < stop_step:
         step_start = time.perf_counter()
-        step_loss = 0.0
+        step_loss = None
         for _ in range(k):
             batch = [t.to(device) for t in next(loader)]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 # (input_ids, token_type_ids=segment_ids, attention_mask=input_mask, masked_lm_positions,
                 #  masked_lm_ids, nsp labels); with --full_sequence_mlm dense masked_lm_labels replace the two
                 loss = model(*batch)  # the loss of the global batch, the same on every rank
-            step_loss += loss.item() / k
+            part = loss.detach() / k  # summed on the device and read steps later (StepValues), not here
+            step_loss = part if step_loss is None else step_loss + part
             if not args.allreduce_post_accumulation:
                 loss = loss / k  # backward all-reduces every micro-step, so average here (NVIDIA's way)
             if loss_scaler is not None:
@@ -513,34 +539,23 @@ def main(argv: list[str] | None = None) -> dict:
             dllogger.log("PARAMETER", {"loss_scale": loss_scaler.scale})
             continue
         global_step += 1
-        losses.append(step_loss)
-        grad_norms.append(grad_norm.detach())   # read at the next log, not here: no wait for the optimizer
-        average_loss += step_loss
-        steps_since_log += 1
         step_s = time.perf_counter() - step_start
         if steady_start is None:
-            first_step_s, steady_start = step_s, time.perf_counter()
-            dllogger.log("PARAMETER", {"rannc_plan": rannc_plan(model), "first_step_time": step_s})
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)   # the steady window starts with the first step done
+            first_step_s, steady_start = time.perf_counter() - step_start, time.perf_counter()
+            step_s = first_step_s
+            dllogger.log("PARAMETER", {"rannc_plan": rannc_plan(model), "first_step_time": first_step_s})
         else:
             steady_steps += 1
-        lr = scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{samples_per_step / step_s:.1f}",
-                             step_ms=f"{1000 * step_s:.0f}", refresh=False)
+        pending.put(global_step, [step_loss, grad_norm], (loader.epoch, scheduler.get_last_lr()[0], step_s))
         progress.update(1)
+        checkpoint_due = not args.skip_checkpoint and (global_step % args.num_steps_per_checkpoint == 0
+                                                       or global_step >= stop_step)
+        for step, values, extra in pending.ready(wait=checkpoint_due or global_step >= stop_step):
+            record(step, values, extra)
 
-        if global_step % args.log_freq == 0 or global_step >= stop_step:
-            average_loss /= steps_since_log
-            grad_norms[-steps_since_log:] = torch.stack(grad_norms[-steps_since_log:]).tolist()
-            dllogger.log([loader.epoch, global_step], {"average_loss": average_loss, "step_loss": step_loss,
-                                                       "learning_rate": lr, "grad_norm": grad_norms[-1]})
-            if progress.disable and is_main:  # no bar (flag, or not a terminal): one line per record
-                tqdm.write(f"step {global_step}: average_loss {average_loss:.4f} step_loss {step_loss:.4f} "
-                           f"learning_rate {lr:.3e} grad_norm {grad_norms[-1]:.3f} step_ms {1000 * step_s:.0f}",
-                           file=sys.stdout)
-                sys.stdout.flush()
-            final_loss, average_loss, steps_since_log = average_loss, 0.0, 0
-
-        if not args.skip_checkpoint and (global_step % args.num_steps_per_checkpoint == 0 or global_step >= stop_step):
+        if checkpoint_due:
             state = training_state(args, model, optimizer, loss_scaler, loader, global_step)  # every rank gathers
             if is_main:
                 number = global_step + args.phase1_end_step if args.phase2 else global_step

@@ -193,3 +193,16 @@ def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):
         save_checkpoint({"global_step": 2}, tmp_path / "ckpt_2.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_1.pt"]
     assert torch.load(path, weights_only=True) == {"global_step": 1}
+
+
+def test_step_values_reach_the_host_in_step_order_with_what_travels_along():
+    """The training loop's queue of device values: each step's scalars come back as floats, oldest first, with
+    their extra data, once (on the CPU at once; on a GPU once the copy behind the step's work is done)."""
+    from bert.step_values import StepValues
+
+    values = StepValues()
+    values.put(1, [torch.tensor(2.5), torch.tensor([0.75])], ("epoch 0", 1e-3))
+    values.put(2, [torch.tensor(1.5, dtype=torch.float64), torch.tensor([0.5])], ("epoch 0", 2e-3))
+    assert len(values) == 2
+    assert values.ready() == [(1, [2.5, 0.75], ("epoch 0", 1e-3)), (2, [1.5, 0.5], ("epoch 0", 2e-3))]
+    assert len(values) == 0 and values.ready(wait=True) == []
