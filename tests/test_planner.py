@@ -382,3 +382,23 @@ def test_dry_run_plans_from_a_profile_measured_on_one_device(tmp_path, capsys):
     assert measured.predicted_step_ms > 10 * estimated.predicted_step_ms
     with pytest.raises(ValueError, match="do not match"):
         bert_plan.main(["--config_file", "bert/configs/bert_base.json", "--np", "4", "--profile", str(path)])
+
+
+def test_kept_measurements_survive_unreadable_and_unwritable_files(tmp_path):
+    """The on-disk cache of link speeds and optimizer timings: written whole through a renamed file, a
+    truncated file is ignored with a word (and measured again by the caller), a place that cannot be written
+    is said, not fatal; no cache directory, no file."""
+    from rannc.profile import json_cache
+
+    said = []
+    path = json_cache.cache_file(str(tmp_path), "links", "abc")
+    assert json_cache.read(path, "link cache", said.append) is None and not said
+    json_cache.write(path, {"p2p_hop_ms": 0.5}, "link cache", said.append)
+    assert json_cache.read(path, "link cache", said.append) == {"p2p_hop_ms": 0.5}
+    assert list(tmp_path.iterdir()) == [path] and not said
+    path.write_text('{"p2p_hop_ms": 0.')
+    assert json_cache.read(path, "link cache", said.append) is None
+    assert said[-1].startswith(f"Ignoring unreadable link cache {path}")
+    json_cache.write(json_cache.cache_file(str(path), "update", "x"), {}, "optimizer timing", said.append)
+    assert said[-1].startswith("Could not save optimizer timing")   # a file stands where the directory would be
+    assert json_cache.cache_file("", "links", "abc") is None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import socket
 import statistics
@@ -27,6 +26,7 @@ from rannc.graph.blocks import Blocks, Linearized
 from rannc.graph.capture import CapturedGraph, named_graph_tensors
 from rannc.graph.compiled import CompiledModule
 from rannc.graph.stage import build_stage
+from rannc.profile import json_cache
 from rannc.profile.profiles import BlockProfile, Calibration, Linear, ProfileSet, UpdateProfile
 from rannc.split_backward import backward_input
 from rannc.version import __version__
@@ -381,11 +381,12 @@ def cached_links(device: torch.device, cache_dir: str, log=print) -> dict[str, f
                                   __version__)).encode()).hexdigest()[:20]
     if digest in _LINKS:
         return dict(_LINKS[digest])
-    path = Path(cache_dir).expanduser() / f"links_{digest}.json" if cache_dir else None
+    path = json_cache.cache_file(cache_dir, "links", digest)
     found = None
-    if rdist.get_rank() == 0 and path is not None and path.is_file():
+    if rdist.get_rank() == 0:
+        kept = json_cache.read(path, "link cache", log)
         try:
-            found = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+            found = {k: float(v) for k, v in kept.items()} if kept is not None else None
         except (ValueError, AttributeError, TypeError):
             log(f"Ignoring unreadable link cache {path}")
     found = rdist.broadcast_object(found)
@@ -393,12 +394,8 @@ def cached_links(device: torch.device, cache_dir: str, log=print) -> dict[str, f
         found = None   # kept by an earlier version that measured less: measure again
     if found is None:
         found = measure_links(device)
-        if rdist.get_rank() == 0 and path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(found))
-            except OSError as exc:
-                log(f"Could not save link cache {path}: {exc}")
+        if rdist.get_rank() == 0:
+            json_cache.write(path, found, "link cache", log)
     else:
         log(f"Loaded link speeds from {path}")
     _LINKS[digest] = found

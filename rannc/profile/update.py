@@ -14,15 +14,14 @@ import collections
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 import types
-from pathlib import Path
 
 import torch
 
 from rannc.precision import MasterWeights
+from rannc.profile import json_cache
 from rannc.profile.profiler import device_name, sync_device
 from rannc.profile.profiles import UpdateProfile
 from rannc.version import __version__
@@ -197,21 +196,16 @@ def cached_update(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype, d
                                   torch.__version__, __version__)).encode()).hexdigest()[:20]
     if digest in _UPDATES:
         return dataclasses.replace(_UPDATES[digest])
-    path = Path(cache_dir).expanduser() / f"update_{digest}.json" if cache_dir else None
-    profile = None
-    if path is not None and path.is_file():
+    path = json_cache.cache_file(cache_dir, "update", digest)
+    kept, profile = json_cache.read(path, "optimizer timing", log), None
+    if kept is not None:
         try:
-            profile = UpdateProfile(**json.loads(path.read_text()))
+            profile = UpdateProfile(**kept)
             log(f"Loaded the optimizer step's timing from {path}")
-        except (ValueError, TypeError) as exc:
+        except TypeError as exc:
             log(f"Ignoring unreadable optimizer timing {path} ({exc})")
     if profile is None:
         profile = measure_update(optimizer, dtype, device, master_weights=master_weights)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(dataclasses.asdict(profile)))
-            except OSError as exc:
-                log(f"Could not save the optimizer step's timing to {path}: {exc}")
+        json_cache.write(path, dataclasses.asdict(profile), "optimizer timing", log)
     _UPDATES[digest] = profile
     return dataclasses.replace(profile)
