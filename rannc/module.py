@@ -104,20 +104,27 @@ class RaNNCModule(nn.Module):
             error = exc
         faults.count_call()
         self._agree_on_inputs(error, call, tensors)
-        return self._call(args, kwargs, tensors)
+        global_args = self._deploy(args, kwargs, tensors) if self._engine is None else None
+        self._refuse_eval_path()
+        return self._call(args, kwargs, tensors, global_args)
 
     @faults.guarded("forward")
-    def _call(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Any:
-        """The call once every rank agreed on its inputs: the first call deploys, every call runs the engine."""
-        global_args = None
-        if self._engine is None:
-            global_args = self._global_batch(tensors)
-            installed = first_call(self.model, self._optimizer_patch, self.config, args, kwargs, tensors,
-                                   global_args, self.device, FLAGS.sync_params_on_init, self.save_trace)
-            self._captured, self._deployment = installed.captured, installed.deployment
-            self._placement, self._engine = installed.placement, installed.engine
-            self._state_keys = installed.state_keys
-            self._masters = installed.masters
+    def _deploy(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The first call, once every rank agreed on its inputs: capture, profile, plan, install. Returns the
+        global batch it gathered, which the call then runs on."""
+        global_args = self._global_batch(tensors)
+        installed = first_call(self.model, self._optimizer_patch, self.config, args, kwargs, tensors,
+                               global_args, self.device, FLAGS.sync_params_on_init, self.save_trace)
+        self._captured, self._deployment = installed.captured, installed.deployment
+        self._placement, self._engine = installed.placement, installed.engine
+        self._state_keys = installed.state_keys
+        self._masters = installed.masters
+        return global_args
+
+    def _refuse_eval_path(self) -> None:
+        """An eval-mode call of a model whose eval mode runs other operations than its graph holds. Every rank
+        raises it together (the capture is the same everywhere), so nothing is reported or torn down: the job
+        may go on training."""
         if not self.training and self._captured.eval_difference is not None:
             raise RuntimeError(
                 f"rannc: {type(self.model).__name__}.forward runs other operations in eval mode than in train mode, "
@@ -125,6 +132,11 @@ class RaNNCModule(nn.Module):
                 f"runs the graph it traced in train mode, so this call would run the train-mode operations. Evaluate "
                 f"a copy of the model outside rannc (load this module's state_dict() into it), or let the branch "
                 f"follow an argument of forward instead of self.training")
+
+    @faults.guarded("forward")
+    def _call(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor],
+              global_args: list[torch.Tensor] | None) -> Any:
+        """Run the engine on a call every rank agreed on (`global_args`: the first call's gathered batch)."""
         local = self._local_rows_only()
         batch_args = tensors if local else (global_args or self._global_batch(tensors))
         leaves = self._engine.run(batch_args, local, self.config.gather_inputs, train=self.training,

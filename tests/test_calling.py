@@ -208,6 +208,66 @@ def test_recurrent_and_alpha_dropout_follow_eval_mode_and_enable_dropout():
             assert _rel(wrapped(x), reference(x)) < RTOL
 
 
+class _DropoutInBlocks(nn.Module):
+    """Dropout inside a torch.no_grad() block and inside an autocast block: export traces both apart, as
+    subgraphs of higher-order ops, and the switches must reach them there too."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.5)
+        self.p = 0.3
+
+    def forward(self, x):
+        h = self.lin(x)
+        with torch.no_grad():
+            scale = F.dropout(h, self.p, self.training)
+        with torch.autocast("cpu", enabled=False):
+            h = self.drop(h.float())
+        return (h * scale).sum()
+
+
+def test_dropout_inside_no_grad_and_autocast_blocks_follows_the_switches():
+    """In eval mode and with enable_dropout(False), the dropouts inside both blocks draw nothing, as the model
+    with those rates at 0 (before, eval mode kept both dropping out, and enable_dropout(False) did not reach
+    them)."""
+    import rannc
+    torch.manual_seed(0)
+    model = _DropoutInBlocks()
+    reference = copy.deepcopy(model)
+    reference.p, reference.drop.p = 0.0, 0.0
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)
+    wrapped.enable_dropout(False)
+    x = torch.randn(8, 6)
+    for _ in range(2):
+        assert _rel(wrapped(x), reference(x)) < RTOL
+    wrapped.enable_dropout(True)
+    assert wrapped._captured.eval_difference is None
+    wrapped.eval()
+    for _ in range(2):
+        assert _rel(wrapped(x), reference(x)) < RTOL
+
+
+def test_recurrent_dropout_draws_masks_inside_compiled_code():
+    """torch's decomposition of the recurrent ops, which compile traces through, never drops out between
+    layers; the routed op runs eagerly inside compiled code, so it does (masks differ from call to call and
+    from the rate 0)."""
+    from rannc.graph import dropout as switches
+    torch.manual_seed(0)
+    gru = nn.GRU(6, 6, num_layers=2, dropout=0.5)
+    x, h = torch.randn(5, 4, 6), torch.zeros(2, 4, 6)
+    routed = switches._ROUTES[torch.ops.aten.gru.input]
+
+    def run(p):
+        return routed(x, h, list(gru._flat_weights), True, 2, p, True, False, False)[0].sum()
+
+    compiled = torch.compile(run, backend="aot_eager")
+    with torch.no_grad():
+        first, second, without = compiled(0.5).item(), compiled(0.5).item(), run(0.0).item()
+    torch._dynamo.reset()
+    assert first != second and without not in (first, second)
+
+
 class _TrainOnlyTerm(nn.Module):
     """A model whose own code adds a term in train mode only: not something rannc's switches know of."""
 
@@ -219,7 +279,7 @@ class _TrainOnlyTerm(nn.Module):
         y = self.fc(x)
         if self.training:
             y = y + 1.0
-        return y.sum()
+        return y.mean()
 
 
 def test_eval_calls_are_refused_where_the_forward_branches_on_training_beyond_dropout():
@@ -241,6 +301,34 @@ def test_eval_calls_are_refused_where_the_forward_branches_on_training_beyond_dr
     in_eval = _TrainOnlyTerm().eval()
     with pytest.raises(RuntimeError, match="eval mode"):
         rannc.RaNNCModule(in_eval, profile_repeats=1, verbose=False, min_pipeline=1, max_pipeline=1)(x)
+
+
+def _refused_then_trained(rank, world):
+    import rannc
+    torch.manual_seed(0)
+    model = _TrainOnlyTerm()
+    reference = copy.deepcopy(model)
+    wrapped = rannc.RaNNCModule(model, profile_repeats=1, partition_num=1)
+    x = torch.randn(8, 6)
+    rows = x[rank * 4:(rank + 1) * 4]
+    errors = [_rel(wrapped(rows), reference(x))]
+    wrapped.eval()
+    try:
+        wrapped(rows)
+        refused = None
+    except RuntimeError as exc:
+        refused = str(exc)
+    wrapped.train()
+    errors.append(_rel(wrapped(rows), reference(x)))   # the job goes on: nothing was torn down
+    rannc.barrier()
+    return refused, errors
+
+
+def test_the_eval_refusal_leaves_every_rank_able_to_train_on():
+    """Every rank refuses the eval-mode call together, so none reports a failure that would end the job."""
+    for refused, errors in run_ranks(_refused_then_trained, 2, timeout=120):
+        assert refused is not None and "eval mode" in refused
+        assert max(errors) < RTOL
 
 
 def _undeploy_and_continue(rank, world):

@@ -152,3 +152,36 @@ def test_the_forward_is_traced_in_eval_mode_too_only_where_its_code_reads_traini
     noisy = capture(_NoiseInTraining(), (torch.randn(3, 4),))
     assert len(exports) == 3
     assert "randn_like" in noisy.eval_difference and "h = h + 0.1 * torch.randn_like(h)" in noisy.eval_difference
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention with dropout: its code calls dropout only where the rate is above 0, so the
+    eval-mode trace has no dropout op where the train-mode one has one; rannc's eval drops nothing either."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x)[0].mean()
+
+
+class _DropoutKeptInEval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return nn.functional.dropout(self.lin(x), 0.5, training=True).mean()   # Monte Carlo dropout
+
+
+class _InheritsNoise(_NoiseInTraining):
+    """Its forward, which reads self.training, is its base class's."""
+
+
+def test_the_eval_mode_comparison_leaves_out_what_rannc_switches_and_nothing_else():
+    x = torch.randn(3, 5, 4)
+    assert capture(_Attention(), (x,)).eval_difference is None
+    kept = capture(_DropoutKeptInEval(), (x,)).eval_difference
+    assert "dropout on in eval mode" in kept and "training=True" in kept   # the switches would turn it off
+    assert "randn_like" in capture(_InheritsNoise(), (torch.randn(3, 4),)).eval_difference

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from rannc.graph import dropout as dropout_ops
-from rannc.graph.modes import mode_difference, mode_ops, reads_training
+from rannc.graph.modes import fixed_dropout, mode_difference, mode_ops, reads_training
 from rannc.graph.signature import CallSignature, OutputSignature, SignatureError, is_symbolic
 
 logger = logging.getLogger("rannc.capture")
@@ -296,7 +296,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         raise CaptureError(f"{type(model).__name__}.forward returns no tensor; rannc needs a loss or batched "
                            f"outputs to return")
     gm = exported.module()
-    train_ops = mode_ops(gm, dropout_ops.ROUTED_OPS)   # before the routing below renames the switched ops
+    # before the routing below renames the switched ops
+    train_ops, eval_may_differ = mode_ops(gm, eval_mode=False), reads_training(model) or fixed_dropout(gm)
     _clean(gm)
     _refuse_mutated_inputs(gm, call, type(model).__name__)
     _refuse_reentrant_checkpoint(gm, model)
@@ -323,7 +324,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
         tensor_names.setdefault(id(tensor), name)
     _warn_pairs_of_samples(gm, {size.node.expr for size in symbols}, type(model).__name__)
     # a dry run (a fixed batch) only plans; nothing runs in eval mode there
-    eval_difference = _eval_difference(model, call, tensors, shapes, train_ops) if dynamic_batch else None
+    eval_difference = (_eval_difference(model, call, tensors, shapes, train_ops)
+                       if dynamic_batch and eval_may_differ else None)
     return CapturedGraph(
         gm=gm,
         input_names=[n.name for n in placeholders],
@@ -339,17 +341,15 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_b
 
 
 def _eval_difference(model: nn.Module, call: CallSignature, tensors: tuple, shapes, train_ops: list) -> str | None:
-    """Trace the forward again in eval mode, where the model's code reads `self.training` at all, and say where
-    its operations part from the train-mode graph's (None where they do not)."""
-    if not reads_training(model):
-        return None
+    """Trace the forward again in eval mode and say where its operations part from the train-mode graph's (None
+    where they do not). Only where they may: the model's code reads `self.training`, or fixes a dropout."""
     with _capture_mode(model, train=False):
         try:
             exported = torch.export.export(_FlatCall(model, call, []), tensors, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # export raises many types; the train-mode graph stands, eval mode cannot run
             return f"the eval-mode forward could not be traced ({type(exc).__name__}: " \
                    f"{(str(exc).strip().splitlines() or [''])[0]})"
-    difference = mode_difference(train_ops, mode_ops(exported.module(), dropout_ops.ROUTED_OPS))
+    difference = mode_difference(train_ops, mode_ops(exported.module(), eval_mode=True))
     if difference is not None:
         _warn("%s.forward runs other operations in eval mode than in train mode (%s): rannc will refuse "
                        "eval-mode calls, since its graph holds the train-mode ones", type(model).__name__, difference)

@@ -83,7 +83,10 @@ def _recurrent(op, dropout_at: int):
         return op(*args)
 
     run.__name__ = run.__qualname__ = "recurrent_" + op.__name__.replace(".", "_")   # stable in fingerprints
-    return run
+    # Run eagerly inside compiled stages: torch's decomposition of these ops (which compile traces through)
+    # never drops out between layers (pytorch/torch/_decomp/decompositions.py, `num_layers < i - 1`), and it
+    # would replace cuDNN's fused kernel with a loop over the cells.
+    return torch.compiler.disable(run)
 
 
 def sdpa(*args, **kwargs) -> torch.Tensor:
@@ -124,17 +127,44 @@ for _op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu):
     _ROUTES[_op.input] = _recurrent(_op.input, 5)      # (input, hx, params, has_biases, layers, dropout, train, ...)
     _ROUTES[_op.data] = _recurrent(_op.data, 6)        # (data, batch_sizes, hx, params, ..., dropout, train, ...)
 # The ops whose mode the switches decide: their train flags and rates may differ between a graph traced in
-# train mode and one traced in eval mode without the run differing (capture's mode check).
+# train mode and one traced in eval mode without the run differing (capture's mode check, rannc.graph.modes).
 ROUTED_OPS = frozenset(_ROUTES)
+# Ops that do nothing but drop out, so nothing at all in eval mode: the mode check leaves them out of both traces.
+DROPOUT_OPS = frozenset({_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default,
+                         _aten.feature_alpha_dropout.default})
+# Where a switched op says that it drops out (the argument's index: a flag, or attention's rate). An eval-mode
+# trace holding one of these on (F.dropout(x, p, training=True)) asks for dropout in eval mode, which the
+# switches would turn off: the mode check names it.
+DROPOUT_ARG = {**{op: 2 for op in DROPOUT_OPS}, _aten.scaled_dot_product_attention.default: 4,
+               **{op.input: 6 for op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu)},
+               **{op.data: 7 for op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu)}}
 
 
 def route_dropout(gm: fx.GraphModule) -> None:
-    """Point every mode-dependent op of the graph at its switch."""
+    """Point every mode-dependent op of the graph at its switch, also inside the blocks export traced apart
+    (`torch.no_grad()`, `torch.autocast()`: higher-order ops holding a subgraph)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _ROUTES:
+        if node.op != "call_function":
+            continue
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            for arg in node.args:
+                inner = _subgraph(gm, arg)
+                if inner is not None:
+                    route_dropout(inner)
+        elif node.target in _ROUTES:
             node.target = _ROUTES[node.target]
-        elif (node.op == "call_function" and node.target is torch.ops.aten.add_.Tensor
+        elif (node.target is torch.ops.aten.add_.Tensor
               and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
               and str(node.args[0].target).endswith("num_batches_tracked")):
             node.target = count_batch
     gm.recompile()
+
+
+def _subgraph(gm: fx.GraphModule, arg) -> fx.GraphModule | None:
+    """The subgraph an argument of a higher-order op reads, if it reads one."""
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        return None
+    obj = gm
+    for part in str(arg.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, fx.GraphModule) else None

@@ -11,30 +11,56 @@ eval-mode calls of a model whose graphs differ, naming the first difference.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import inspect
 import re
+import textwrap
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-# Layers whose mode rannc switches itself (their ops are routed), so reading `self.training` there changes nothing.
+from rannc.graph import dropout as switches
+
+# torch's layers whose mode rannc switches itself (their ops are routed): reading `self.training` there changes
+# nothing. A user's subclass with code of its own is read like any other layer.
 _SWITCHED_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-_TRAINING = re.compile(r"\btraining\b")
 
 
 def reads_training(model: nn.Module) -> bool:
-    """Whether the code of any of the model's layers mentions `training` (a class whose source cannot be read
-    counts as one), other than the layers rannc switches: only then can the eval-mode graph differ."""
-    for cls in {type(m) for m in model.modules()}:
-        if issubclass(cls, _SWITCHED_LAYERS):
+    """Whether the code of any of the model's layers reads `.training` (a class whose source cannot be read
+    counts as one), their base classes included (a forward may be inherited), other than torch's own layers
+    that rannc switches: only then can the eval-mode graph differ."""
+    seen: set[type] = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in seen or cls in (nn.Module, object):
+                continue
+            seen.add(cls)
+            if issubclass(cls, _SWITCHED_LAYERS) and cls.__module__.startswith("torch.nn."):
+                continue
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+            except (OSError, TypeError, SyntaxError):
+                return True
+            if any(isinstance(node, ast.Attribute) and node.attr == "training" for node in ast.walk(tree)):
+                return True
+    return False
+
+
+def fixed_dropout(gm: fx.GraphModule) -> bool:
+    """Whether the train-mode graph drops out in code of the model's own (not a torch layer's): a rate or flag
+    fixed there (`F.dropout(x, p, training=True)`, Monte Carlo dropout) drops out in eval mode too, where the
+    switches would not, and only an eval-mode trace tells it from one that follows the mode."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in switches.DROPOUT_ARG:
             continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            return True
-        if _TRAINING.search(source):
+        if not bool(_argument(node, switches.DROPOUT_ARG[node.target])):
+            continue
+        owners = list((node.meta.get("nn_module_stack") or {}).values())
+        owner = str(owners[-1][1]) if owners else ""
+        if not owner.startswith("torch.nn.modules."):
             return True
     return False
 
@@ -70,10 +96,38 @@ def _is_batch_count(node: fx.Node) -> bool:
             and str(first.target).endswith("num_batches_tracked"))
 
 
-def mode_ops(gm: fx.GraphModule, routed: frozenset) -> list[tuple[tuple, fx.Node]]:
-    """The graph's operations in order, each with its key for the comparison: the op and its constant arguments,
-    or the op alone where rannc routes it (`routed`: its mode flags and rates are the switches' business).
-    Export's size bookkeeping and assertions are left out; the blocks export traced apart (`torch.no_grad()`,
+_DROPPING = "dropout on in eval mode"
+
+
+def _argument(node: fx.Node, index: int):
+    """The op's argument at `index` of its schema, its default where the trace left it out."""
+    arg = node.target._schema.arguments[index]
+    if index < len(node.args):
+        return node.args[index]
+    if arg.name in node.kwargs:
+        return node.kwargs[arg.name]
+    return arg.default_value if arg.has_default_value() else None
+
+
+def _key(node: fx.Node, eval_mode: bool) -> tuple | None:
+    """What the comparison sees of one op (None: nothing). Ops that only drop out do nothing in eval mode
+    under rannc, so they are left out, unless an eval-mode trace holds one switched on (dropout asked for in
+    eval mode, which the switches would turn off); the other switched ops count by name, the rest with their
+    constant arguments."""
+    target = node.target
+    dropping = target in switches.DROPOUT_ARG and bool(_argument(node, switches.DROPOUT_ARG[target]))
+    if eval_mode and dropping:
+        return (str(target), _DROPPING)
+    if target in switches.DROPOUT_OPS:
+        return None
+    if target in switches.ROUTED_OPS:
+        return (str(target),)
+    return (str(target), _arguments(node))
+
+
+def mode_ops(gm: fx.GraphModule, eval_mode: bool) -> list[tuple[tuple, fx.Node]]:
+    """The graph's operations in order, each with its key for the comparison (:func:`_key`). Export's size
+    bookkeeping and assertions are left out; the blocks export traced apart (`torch.no_grad()`,
     `torch.autocast()`) are walked into."""
     out: list[tuple[tuple, fx.Node]] = []
 
@@ -95,7 +149,9 @@ def mode_ops(gm: fx.GraphModule, routed: frozenset) -> list[tuple[tuple, fx.Node
             name = str(target)
             if name.startswith("aten.sym_") or "_assert" in name or _is_batch_count(node):
                 continue
-            out.append(((name,) if target in routed else (name, _arguments(node)), node))
+            key = _key(node, eval_mode)
+            if key is not None:
+                out.append((key, node))
 
     walk(gm)
     return out
@@ -116,7 +172,8 @@ def _describe(entries: list[tuple[tuple, fx.Node]]) -> str:
         return "nothing"
     key, node = entries[0]
     more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
-    return f"{key[0]} at {_where(node)}{more}"
+    dropping = f" ({_DROPPING})" if key[1:] == (_DROPPING,) else ""
+    return f"{key[0]}{dropping} at {_where(node)}{more}"
 
 
 def mode_difference(train_ops: list[tuple[tuple, fx.Node]], eval_ops: list[tuple[tuple, fx.Node]]) -> str | None:
