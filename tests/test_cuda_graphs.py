@@ -79,6 +79,24 @@ def test_a_parameter_two_modules_hold_is_copied_once():
     assert sum(g.copies for g in grads) == 2
 
 
+def test_the_copies_record_forgets_parameters_that_are_gone():
+    """The record of copied gradients holds a parameter only while it lives (models made and dropped in one
+    process, as in a notebook, leave nothing behind)."""
+    import gc
+
+    from rannc.graph import cuda_graphs
+
+    layer = torch.nn.Linear(2, 2)
+    grads = GraphGrads(layer.parameters())
+    layer(torch.ones(1, 2)).sum().backward()
+    grads.claim()
+    keys = [id(p) for p in layer.parameters()]
+    assert all(k in cuda_graphs._COPIES for k in keys)
+    del layer, grads
+    gc.collect()
+    assert not any(k in cuda_graphs._COPIES for k in keys)
+
+
 def test_outputs_on_the_cpu_are_not_copied():
     t = torch.ones(2)
     out = own_outputs((t, [t, 3]))

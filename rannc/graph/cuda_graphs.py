@@ -21,6 +21,7 @@ model's call (a teacher's, a discriminator's) does not write over another's grad
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -50,8 +51,16 @@ class GraphGrads:
         copies = torch._foreach_mul([p.grad for p in moving], 1)
         for p, copy in zip(moving, copies):
             p.grad = copy
-            _COPIES[id(p)] = (weakref.ref(p), weakref.ref(copy))
+            _COPIES[id(p)] = (weakref.ref(p, functools.partial(_forget, id(p))), weakref.ref(copy))
         self.copies += len(moving)
+
+
+def _forget(key: int, dead: weakref.ref) -> None:
+    """Drop a parameter's entry once the parameter is gone (a later tensor given its id has an entry of its
+    own, which stays)."""
+    entry = _COPIES.get(key)
+    if entry is not None and entry[0] is dead:
+        del _COPIES[key]
 
 
 def _holds_copy(p: torch.Tensor) -> bool:
