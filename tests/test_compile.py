@@ -318,3 +318,41 @@ def test_a_second_backward_of_a_compiled_stage_adds_the_gradients_again():
     nothing the second time (torch 2.13, this MLP): a call under keep_graph runs the stages eagerly."""
     error, = run_ranks(_second_backward, 1, timeout=600)
     assert error < RTOL, f"gradients after two backwards differ by {error:.2e} (relative)"
+
+
+class _RecurrentBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 8, num_layers=2, dropout=0.1, batch_first=True)
+        self.a, self.b, self.norm = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.norm(self.b(torch.relu(self.a(y))) + x)
+
+
+def test_layers_holding_a_recurrent_op_are_compiled_inline_not_as_shared_regions(monkeypatch):
+    """Recurrent ops run eagerly inside compiled code (their decomposition drops out wrongly), and a shared
+    region cannot hold such a call (torch.compile raises): repeated layers holding one compile inline, and the
+    stage runs forward and backward."""
+    import torch._inductor.compile_fx
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from rannc.graph.blocks import linearize
+    from rannc.graph.capture import capture
+    from rannc.graph.compiled import CompiledModule
+    from rannc.graph.stage import build_stage
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
+                        lambda gm, inputs, config_patches=None: aot_eager(gm, inputs))
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8)
+    captured = capture(torch.nn.Sequential(*[_RecurrentBlock() for _ in range(5)]), (x,))
+    lin = linearize(captured)
+    stage = build_stage(captured, lin, 0, lin.size).module
+    torch._dynamo.reset()
+    compiled = CompiledModule(stage, "stage 0")
+    assert compiled.regions.calls == 0
+    outputs = compiled(x)
+    sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()).backward()
+    torch._dynamo.reset()

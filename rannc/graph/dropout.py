@@ -126,6 +126,9 @@ _aten = torch.ops.aten
 for _op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu):
     _ROUTES[_op.input] = _recurrent(_op.input, 5)      # (input, hx, params, has_biases, layers, dropout, train, ...)
     _ROUTES[_op.data] = _recurrent(_op.data, 6)        # (data, batch_sizes, hx, params, ..., dropout, train, ...)
+# Routed ops that run eagerly inside compiled code (a shared compile region cannot hold one: rannc.graph.regions).
+EAGER_OPS = frozenset(_ROUTES[op] for op in _ROUTES if op.__name__.split(".")[0] in ("lstm", "gru", "rnn_tanh",
+                                                                                       "rnn_relu"))
 # The ops whose mode the switches decide: their train flags and rates may differ between a graph traced in
 # train mode and one traced in eval mode without the run differing (capture's mode check, rannc.graph.modes).
 ROUTED_OPS = frozenset(_ROUTES)

@@ -133,6 +133,8 @@ def _region_graph(span: list[fx.Node]) -> _Layer | None:
     inside = set(span)
     if len(span) < MIN_OPERATIONS or any(_writes_outside(n, inside) for n in span):
         return None
+    if any(n.target in switches.EAGER_OPS for n in span):
+        return None   # an op that runs eagerly inside compiled code would break the region's graph: an error
     inputs: list[fx.Node] = []
     for node in span:
         for arg in node.all_input_nodes:
