@@ -33,7 +33,7 @@ class StepValues:
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
             host.copy_(stacked, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(stacked.device))   # the copy's stream, whatever device is current
         else:
             host = stacked
         self._queue.append((step, host, event, extra))
