@@ -123,12 +123,12 @@ _ROUTES = {
     torch.ops.aten.feature_alpha_dropout.default: feature_alpha_dropout,
 }
 _aten = torch.ops.aten
-for _op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu):
+_RECURRENT = (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu)
+for _op in _RECURRENT:
     _ROUTES[_op.input] = _recurrent(_op.input, 5)      # (input, hx, params, has_biases, layers, dropout, train, ...)
     _ROUTES[_op.data] = _recurrent(_op.data, 6)        # (data, batch_sizes, hx, params, ..., dropout, train, ...)
 # Routed ops that run eagerly inside compiled code (a shared compile region cannot hold one: rannc.graph.regions).
-EAGER_OPS = frozenset(_ROUTES[op] for op in _ROUTES if op.__name__.split(".")[0] in ("lstm", "gru", "rnn_tanh",
-                                                                                       "rnn_relu"))
+EAGER_OPS = frozenset(_ROUTES[overload] for op in _RECURRENT for overload in (op.input, op.data))
 # The ops whose mode the switches decide: their train flags and rates may differ between a graph traced in
 # train mode and one traced in eval mode without the run differing (capture's mode check, rannc.graph.modes).
 ROUTED_OPS = frozenset(_ROUTES)
@@ -139,8 +139,7 @@ DROPOUT_OPS = frozenset({_aten.dropout.default, _aten.feature_dropout.default, _
 # trace holding one of these on (F.dropout(x, p, training=True)) asks for dropout in eval mode, which the
 # switches would turn off: the mode check names it.
 DROPOUT_ARG = {**{op: 2 for op in DROPOUT_OPS}, _aten.scaled_dot_product_attention.default: 4,
-               **{op.input: 6 for op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu)},
-               **{op.data: 7 for op in (_aten.lstm, _aten.gru, _aten.rnn_tanh, _aten.rnn_relu)}}
+               **{op.input: 6 for op in _RECURRENT}, **{op.data: 7 for op in _RECURRENT}}
 
 
 def route_dropout(gm: fx.GraphModule) -> None:
@@ -151,19 +150,24 @@ def route_dropout(gm: fx.GraphModule) -> None:
             continue
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             for arg in node.args:
-                inner = _subgraph(gm, arg)
+                inner = subgraph(gm, arg)
                 if inner is not None:
                     route_dropout(inner)
         elif node.target in _ROUTES:
             node.target = _ROUTES[node.target]
-        elif (node.target is torch.ops.aten.add_.Tensor
-              and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
-              and str(node.args[0].target).endswith("num_batches_tracked")):
+        elif is_batch_count(node):
             node.target = count_batch
     gm.recompile()
 
 
-def _subgraph(gm: fx.GraphModule, arg) -> fx.GraphModule | None:
+def is_batch_count(node: fx.Node) -> bool:
+    """BatchNorm's `num_batches_tracked += 1` as export traces it (train mode only; `count_batch` runs it)."""
+    first = node.args[0] if node.args else None
+    return (node.target is torch.ops.aten.add_.Tensor and isinstance(first, fx.Node) and first.op == "get_attr"
+            and str(first.target).endswith("num_batches_tracked"))
+
+
+def subgraph(gm: fx.GraphModule, arg) -> fx.GraphModule | None:
     """The subgraph an argument of a higher-order op reads, if it reads one."""
     if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
         return None

@@ -76,24 +76,7 @@ def _constant(value):
 
 def _arguments(node: fx.Node) -> tuple:
     """Every argument of the op in its schema's order, defaults filled in (a trace may leave them out)."""
-    schema = node.target._schema
-    out = []
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            value = node.args[i]
-        elif arg.name in node.kwargs:
-            value = node.kwargs[arg.name]
-        else:
-            value = arg.default_value if arg.has_default_value() else None
-        out.append(_constant(value))
-    return tuple(out)
-
-
-def _is_batch_count(node: fx.Node) -> bool:
-    """BatchNorm's `num_batches_tracked += 1`, which only train mode traces (the switches run it)."""
-    first = node.args[0] if node.args else None
-    return (node.target is torch.ops.aten.add_.Tensor and isinstance(first, fx.Node) and first.op == "get_attr"
-            and str(first.target).endswith("num_batches_tracked"))
+    return tuple(_constant(_argument(node, i)) for i in range(len(node.target._schema.arguments)))
 
 
 _DROPPING = "dropout on in eval mode"
@@ -139,15 +122,14 @@ def mode_ops(gm: fx.GraphModule, eval_mode: bool) -> list[tuple[tuple, fx.Node]]
             if isinstance(target, torch._ops.HigherOrderOperator):
                 out.append(((str(target),), node))
                 for arg in node.args:
-                    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                        inner = getattr(module, str(arg.target), None)
-                        if isinstance(inner, fx.GraphModule):
-                            walk(inner)
+                    inner = switches.subgraph(module, arg)
+                    if inner is not None:
+                        walk(inner)
                 continue
             if not isinstance(target, torch._ops.OpOverload):
                 continue   # getitem, arithmetic on sizes
             name = str(target)
-            if name.startswith("aten.sym_") or "_assert" in name or _is_batch_count(node):
+            if name.startswith("aten.sym_") or "_assert" in name or switches.is_batch_count(node):
                 continue
             key = _key(node, eval_mode)
             if key is not None:
