@@ -147,7 +147,8 @@ class RannConfig:
                                       "the optimizer given to RaNNCModule); empty: the parameters as they are"})
     compile_mode: str = dataclasses.field(
         default="auto", metadata={"help": "torch.compile's mode for compiled stages: auto (reduce-overhead for "
-                                          "stages on CUDA devices that do not recompute, default elsewhere), "
+                                          "stages on CUDA devices that do not recompute, default elsewhere; the "
+                                          "profiler's compiled runs of blocks use it too), "
                                           "default, reduce-overhead (CUDA graphs: no host time launching "
                                           "kernels), max-autotune or max-autotune-no-cudagraphs"})
     compile_regions: bool = dataclasses.field(
@@ -350,6 +351,15 @@ def compile_mode(config: RannConfig, device_type: str, recompute: bool) -> str:
     if config.compile_mode == "auto":
         return "reduce-overhead" if device_type == "cuda" and not recompute else "default"
     return config.compile_mode
+
+
+def profiled_compile_mode(config: RannConfig, device_type: str) -> str:
+    """The mode the profiler compiles its timed runs of blocks in: that of the stages that do not recompute (all
+    of them unless recompute is "always"), so that their price is what they run. A stage the planner then makes
+    recompute runs in the default mode, priced as if it replayed CUDA graphs: the price misses the host's
+    time launching its kernels, which counts where they are small (recomputation is for stages of large
+    activations, whose kernels are long)."""
+    return compile_mode(config, device_type, recompute=config.recompute == "always")
 
 
 def conf_dir() -> Path:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
-from rannc.config import RannConfig, compile_mode, compiles
+from rannc.config import RannConfig, compile_mode, compiles, profiled_compile_mode
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, _attr, capture, preserved_state, retarget_device, written_buffers
 from rannc.graph.compiled import CompiledModule
@@ -196,6 +196,7 @@ class ProfileJob:
     def __post_init__(self) -> None:
         config = self.config
         self.compile_blocks = block_compile(compiles(config, self.device.type), config.compile_regions)
+        self.compile_mode = profiled_compile_mode(config, self.device.type)
         self.alongside, self.sizes = False, []
         if config.load_deployment:
             return
@@ -205,7 +206,8 @@ class ProfileJob:
             cached = None
             if rdist.get_rank() == 0:
                 path = profile_cache_path(self.captured, self.blocks, self.sizes, self.device,
-                                          _autocast_dtype(self.device), self.compile_blocks, config.profile_cache_dir)
+                                          _autocast_dtype(self.device), self.compile_blocks, config.profile_cache_dir,
+                                          self.compile_mode)
                 cached = path is not None and path.is_file()
             self.alongside = not rdist.broadcast_object(cached)
 
@@ -222,7 +224,8 @@ class ProfileJob:
         return build_profile_set(self.captured, self.lin, self.blocks, self.global_args, self.sizes, self.device,
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
-                                 update=update, compile_blocks=self.compile_blocks)
+                                 update=update, compile_blocks=self.compile_blocks,
+                                 compile_mode=self.compile_mode)
 
 
 def _make_plan(job: ProfileJob) -> Deployment:

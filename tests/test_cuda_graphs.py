@@ -214,3 +214,20 @@ def test_two_graphed_models_and_a_second_backward_train_like_their_plain_copies(
     assert graphs and all(graphs)
     for what, err in errors.items():
         assert err < RTOL, f"{what} differs by {err:.2e} (relative)"
+
+
+def test_a_compiled_module_claims_its_cuda_gradients_only_and_reads_the_device_at_each_claim():
+    """A compiled module replaying graphs claims the gradients on CUDA, wherever its parameters were when it was
+    made: the profiler makes the compiled run of blocks while the parameters are still on the CPU and moves
+    them to the device for the runs (they were left out, and the second run's backward added into gradients a
+    replay had written over: "accessing tensor output of CUDAGraphs that has been overwritten"). Gradients on
+    the CPU stay as autograd made them."""
+    from rannc.graph.compiled import CompiledModule
+
+    layer = torch.nn.Linear(2, 2)
+    compiled = CompiledModule(layer, "blocks 0-1", mode="reduce-overhead")
+    assert compiled.cuda_graphs and compiled.grads.params == list(layer.parameters())
+    layer(torch.ones(1, 2)).sum().backward()
+    installed = layer.weight.grad
+    compiled.claim_grads()
+    assert compiled.grads.copies == 0 and layer.weight.grad is installed

@@ -44,15 +44,14 @@ class CompiledModule:
         self._seen: set[tuple] = set()
         self._options = _mode_options(mode)
         self.cuda_graphs = bool(self._options.get("triton.cudagraphs"))
-        # only CUDA replays graphs: parameters elsewhere keep their gradients as autograd made them
-        self.grads = GraphGrads([p for p in module.parameters() if p.is_cuda] if self.cuda_graphs else [])
+        self.grads = GraphGrads(module.parameters() if self.cuda_graphs else [], cuda_only=True)
         self.regions = Regions(0, 0)
         if regions and isinstance(module, torch.fx.GraphModule):
             module, self.regions = with_regions(module)
             if self.regions.calls:
                 logger.info("rannc: %s compiles %d layers as %d shared region(s)", name, self.regions.calls,
                             self.regions.functions)
-        if self.grads.params:
+        if any(p.is_cuda for p in self.grads.params):
             logger.info("rannc: %s replays CUDA graphs (compile_mode %s)", name, mode)
         self._compiled = torch.compile(module, backend=self._backend)
         self._at_limit = _fail_at_recompile_limit()   # made once: a reusable context, off the hot path

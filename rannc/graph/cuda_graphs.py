@@ -34,17 +34,22 @@ _COPIES: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 class GraphGrads:
-    """The gradients of `params` (the parameters of one compiled module), kept out of CUDA graphs' memory."""
+    """The gradients of `params` (the parameters of one compiled module), kept out of CUDA graphs' memory.
+    `cuda_only`: only CUDA gradients can be in a graph's memory, the others keep what autograd made; which ones
+    are on CUDA is read at each claim, since a module may be made before its parameters move there (the
+    profiler's runs of blocks). The bookkeeping's tests run on the CPU without it."""
 
-    def __init__(self, params) -> None:
+    def __init__(self, params, cuda_only: bool = False) -> None:
         self.params = [p for p in params if p.requires_grad]
+        self.cuda_only = cuda_only
         self.copies = 0   # gradients copied out of the pool so far (a test reads it)
         if self.params:
             _ALIVE.add(self)
 
     def claim(self) -> None:
         """Give every parameter whose gradient is not a copy made here a copy of that gradient."""
-        moving = [p for p in self.params if p.grad is not None and not _holds_copy(p)]
+        moving = [p for p in self.params if p.grad is not None and (p.grad.is_cuda or not self.cuda_only)
+                  and not _holds_copy(p)]
         if not moving:
             return
         # x * 1 is x to the bit (signed zeros and NaNs included), in one launch per group of tensors
