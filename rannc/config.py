@@ -151,6 +151,11 @@ class RannConfig:
                                           "profiler's compiled runs of blocks use it too), "
                                           "default, reduce-overhead (CUDA graphs: no host time launching "
                                           "kernels), max-autotune or max-autotune-no-cudagraphs"})
+    compile_options: str = dataclasses.field(
+        default="", metadata={"help": "inductor options for compiled stages, over those of compile_mode: name=value "
+                                      "pairs separated by spaces, as torch.compile's options argument takes them "
+                                      "(e.g. 'coordinate_descent_tuning=true combo_kernels=true'); the profiler's "
+                                      "compiled runs of blocks use them too"})
     compile_regions: bool = dataclasses.field(
         default=True, metadata={"help": "with compile: whole repeated layers of a stage (four or more of one code) "
                                         "compile once, as shared regions (torch.compiler.nested_compile_region), "
@@ -322,6 +327,11 @@ def _check_range(name: str, value: Any, source: str) -> None:
         bad = "must be auto, true or false"
     elif name == "compile_mode" and value not in COMPILE_MODES:
         bad = f"must be one of {', '.join(COMPILE_MODES)}"
+    elif name == "compile_options":
+        try:
+            inductor_options(value)
+        except ValueError as exc:
+            bad = str(exc)
     elif name == "schedule" and value not in ["auto", *schedule_names()]:
         bad = f"must be one of auto, {', '.join(schedule_names())}"
     elif name == "virtual_stages" and value < 1:
@@ -353,13 +363,75 @@ def compile_mode(config: RannConfig, device_type: str, recompute: bool) -> str:
     return config.compile_mode
 
 
-def profiled_compile_mode(config: RannConfig, device_type: str) -> str:
-    """The mode the profiler compiles its timed runs of blocks in: that of the stages that do not recompute (all
-    of them unless recompute is "always"), so that their price is what they run. A stage the planner then makes
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """How a module compiles: torch.compile's mode, and inductor options over the mode's (the compile_mode and
+    compile_options items). `str()` names both, for logs and the profile cache's key."""
+
+    mode: str = "default"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def inductor_options(self) -> dict[str, Any]:
+        """What inductor is given: the mode's options, then the items' over them."""
+        import torch._inductor
+
+        return {**torch._inductor.list_mode_options(self.mode), **dict(self.options)}
+
+    def __str__(self) -> str:
+        return " ".join([self.mode, *(f"{name}={value!r}" for name, value in self.options)])
+
+
+DEFAULT_COMPILE = CompileSettings()   # torch.compile's default mode, no options of the items
+
+
+def inductor_options(text: str) -> tuple[tuple[str, Any], ...]:
+    """The compile_options item's `name=value` pairs (spaces between them), each name one of inductor's options
+    (dotted for nested ones: triton.cudagraphs) and each value read as that option's type; sorted by name.
+    ValueError naming what is wrong."""
+    if not text.split():
+        return ()
+    import torch._inductor.config as inductor_config
+
+    options = {}
+    for pair in text.split():
+        name, sep, word = pair.partition("=")
+        if not sep or not name or not word:
+            raise ValueError(f"'{pair}' is not name=value")
+        current = inductor_config
+        for part in name.split("."):
+            if not hasattr(current, part) or part.startswith("_"):
+                raise ValueError(f"'{name}' is not one of inductor's options (torch._inductor.config)")
+            current = getattr(current, part)
+        if isinstance(current, bool):
+            if word.lower() not in _BOOL_WORDS:
+                raise ValueError(f"option '{name}' takes true or false, not {word!r}")
+            value: Any = _BOOL_WORDS[word.lower()]
+        elif isinstance(current, (int, float)):
+            try:
+                value = type(current)(word)
+            except ValueError:
+                kind = "an integer" if isinstance(current, int) else "a number"
+                raise ValueError(f"option '{name}' takes {kind}, not {word!r}") from None
+        elif isinstance(current, str) or current is None:
+            value = word
+        else:
+            raise ValueError(f"option '{name}' holds a {type(current).__name__}, which compile_options cannot set")
+        options[name] = value
+    return tuple(sorted(options.items()))
+
+
+def stage_compile(config: RannConfig, device_type: str, recompute: bool) -> CompileSettings:
+    """How a stage compiles: compile_mode's mode for it (see compile_mode) and the compile_options item."""
+    return CompileSettings(compile_mode(config, device_type, recompute), inductor_options(config.compile_options))
+
+
+def profiled_compile(config: RannConfig, device_type: str) -> CompileSettings:
+    """How the profiler compiles its timed runs of blocks: as the stages that do not recompute (all of them
+    unless recompute is "always"), so that their price is what they run. A stage the planner then makes
     recompute runs in the default mode, priced as if it replayed CUDA graphs: the price misses the host's
     time launching its kernels, which counts where they are small (recomputation is for stages of large
     activations, whose kernels are long)."""
-    return compile_mode(config, device_type, recompute=config.recompute == "always")
+    return stage_compile(config, device_type, recompute=config.recompute == "always")
 
 
 def conf_dir() -> Path:

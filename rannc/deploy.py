@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
-from rannc.config import RannConfig, compile_mode, compiles, profiled_compile_mode
+from rannc.config import RannConfig, compiles, profiled_compile, stage_compile
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
-from rannc.graph.capture import CapturedGraph, _attr, capture, preserved_state, retarget_device, written_buffers
+from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device, written_buffers
 from rannc.graph.compiled import CompiledModule
 from rannc.graph.fuse import fingerprint_after, fuse_sibling_linears
 from rannc.graph.signature import CallSignature
@@ -196,7 +196,7 @@ class ProfileJob:
     def __post_init__(self) -> None:
         config = self.config
         self.compile_blocks = block_compile(compiles(config, self.device.type), config.compile_regions)
-        self.compile_mode = profiled_compile_mode(config, self.device.type)
+        self.compile_settings = profiled_compile(config, self.device.type)
         self.alongside, self.sizes = False, []
         if config.load_deployment:
             return
@@ -207,7 +207,7 @@ class ProfileJob:
             if rdist.get_rank() == 0:
                 path = profile_cache_path(self.captured, self.blocks, self.sizes, self.device,
                                           _autocast_dtype(self.device), self.compile_blocks, config.profile_cache_dir,
-                                          self.compile_mode)
+                                          self.compile_settings)
                 cached = path is not None and path.is_file()
             self.alongside = not rdist.broadcast_object(cached)
 
@@ -225,7 +225,7 @@ class ProfileJob:
                                  self.links, config.profile_repeats, "" if quiet else config.profile_cache_dir,
                                  _autocast_dtype(self.device), log=log, show_progress=config.verbose and not quiet,
                                  update=update, compile_blocks=self.compile_blocks,
-                                 compile_mode=self.compile_mode)
+                                 compile_settings=self.compile_settings)
 
 
 def _make_plan(job: ProfileJob) -> Deployment:
@@ -323,7 +323,7 @@ def _compiled(module: torch.nn.Module, index: int, recompute: bool, config: Rann
     """Stage `index`'s module under torch.compile where the compile item says so, else None."""
     if not compiles(config, device.type):
         return None
-    return CompiledModule(module, f"stage {index}", mode=compile_mode(config, device.type, recompute),
+    return CompiledModule(module, f"stage {index}", stage_compile(config, device.type, recompute),
                           regions=config.compile_regions)
 
 
@@ -369,8 +369,7 @@ def capture_blocks(model: nn.Module, example_inputs: tuple, config: RannConfig, 
         if fused:
             captured.fingerprint = fingerprint_after(captured.fingerprint, fused)
             logger.info("Fused %d groups of sibling linears into one product each (fuse_linears), e.g. %s",
-                        len(fused), ", ".join(captured.tensor_names.get(id(_attr(captured.gm, target)), target)
-                                              for target in fused[0]))
+                        len(fused), ", ".join(captured.tensor_name(target) for target in fused[0]))
     lin = linearize(captured)
     return captured, lin, make_blocks(lin, config.max_blocks)
 

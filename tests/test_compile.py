@@ -358,29 +358,35 @@ def test_layers_holding_a_recurrent_op_are_compiled_inline_not_as_shared_regions
     torch._dynamo.reset()
 
 
-def test_the_profiler_times_compiled_runs_in_the_mode_the_stages_run(monkeypatch):
+def test_the_profiler_times_compiled_runs_as_the_stages_compile(monkeypatch):
     """Stages on CUDA replay CUDA graphs (compile_mode auto): the profiler's compiled runs of blocks do too, or a
-    run of small kernels is timed at the host's launching pace (BERT-large at batch 64 on one H200: the step
-    predicted 1.5-1.9x the measured one). With recompute "always" every stage runs in the default mode, and so
-    do the runs. The mode is part of the profile cache's key, where runs are compiled."""
+    run of small kernels is timed at the host's launching pace (BERT-large at batch 64 on one H200: forward and
+    backward predicted 1.5-1.8x the measured ones). With recompute "always" every stage runs in the default mode,
+    and so do the runs. The compile_options item reaches both. Mode and options are part of the profile cache's
+    key, where runs are compiled."""
     from types import SimpleNamespace
 
-    from rannc.config import profiled_compile_mode
+    from rannc.config import CompileSettings, profiled_compile, stage_compile
     from rannc.graph.blocks import linearize, make_blocks
     from rannc.graph.capture import capture
     from rannc.profile import profiler
 
     config = RannConfig()
-    assert profiled_compile_mode(config, "cuda") == "reduce-overhead"
-    assert profiled_compile_mode(config.replace(recompute="always"), "cuda") == "default"
-    assert profiled_compile_mode(config, "cpu") == "default"
-    assert profiled_compile_mode(config.replace(compile_mode="max-autotune"), "cuda") == "max-autotune"
+    assert profiled_compile(config, "cuda") == CompileSettings("reduce-overhead")
+    assert profiled_compile(config.replace(recompute="always"), "cuda") == CompileSettings("default")
+    assert profiled_compile(config, "cpu") == CompileSettings("default")
+    assert profiled_compile(config.replace(compile_mode="max-autotune"), "cuda").mode == "max-autotune"
+    tuned = config.replace(compile_options="coordinate_descent_tuning=true triton.cudagraph_trees=0")
+    settings = CompileSettings("reduce-overhead", (("coordinate_descent_tuning", True),
+                                                   ("triton.cudagraph_trees", False)))
+    assert profiled_compile(tuned, "cuda") == stage_compile(tuned, "cuda", recompute=False) == settings
+    assert stage_compile(tuned, "cuda", recompute=True) == CompileSettings("default", settings.options)
 
-    modes = []
+    made = []
 
-    class Recording:   # stands in for CompiledModule: runs the module eagerly, keeps the mode it was given
-        def __init__(self, module, name, mode="default", regions=True):
-            modes.append(mode)
+    class Recording:   # stands in for CompiledModule: runs the module eagerly, keeps the settings it was given
+        def __init__(self, module, name, settings, regions=True):
+            made.append(settings)
             self.module = module
 
         def __call__(self, *args):
@@ -393,12 +399,32 @@ def test_the_profiler_times_compiled_runs_in_the_mode_the_stages_run(monkeypatch
     captured = capture(model, inputs)
     lin = linearize(captured)
     profiler.profile_blocks(captured, lin, make_blocks(lin, 3), list(inputs), [2, 4], torch.device("cpu"),
-                            repeats=1, show_progress=False, compile_blocks="inline", compile_mode="reduce-overhead")
-    assert modes == ["reduce-overhead"]
+                            repeats=1, show_progress=False, compile_blocks="inline", compile_settings=settings)
+    assert made == [settings]
 
     captured, blocks, cpu = SimpleNamespace(fingerprint="f"), SimpleNamespace(bounds=[0, 3, 7]), torch.device("cpu")
+
+    def key(how, compiled=None):
+        return profiler.cache_key(captured, blocks, [2], cpu, None, how, compiled or CompileSettings())
+
     for how in ("inline", "regions"):
-        assert (profiler.cache_key(captured, blocks, [2], cpu, None, how, "reduce-overhead")
-                != profiler.cache_key(captured, blocks, [2], cpu, None, how, "default"))
-    assert (profiler.cache_key(captured, blocks, [2], cpu, None, "", "reduce-overhead")
-            == profiler.cache_key(captured, blocks, [2], cpu, None, ""))
+        assert len({key(how), key(how, CompileSettings("reduce-overhead")), key(how, settings)}) == 3
+    assert key("", settings) == key("")
+
+
+def test_compile_options_are_checked_against_inductors_options():
+    """A name inductor does not have, or a value not of the option's type, stops at the configuration, naming
+    the item; values are read as the option's type."""
+    from rannc.config import inductor_options
+
+    assert inductor_options("") == ()
+    assert inductor_options("max_autotune_gemm_backends=ATEN combo_kernels=on") == (
+        ("combo_kernels", True), ("max_autotune_gemm_backends", "ATEN"))
+    assert RannConfig().replace(compile_options="coordinate_descent_search_radius=2").compile_options
+    for text, words in (("coordinate_descent_tunning=true", "not one of inductor's options"),
+                        ("combo_kernels=maybe", "takes true or false"),
+                        ("coordinate_descent_search_radius=two", "takes an integer"),
+                        ("combo_kernels", "is not name=value"),
+                        ("triton.nonexistent=1", "not one of inductor's options")):
+        with pytest.raises(ConfigError, match=f"'compile_options'.*{words}"):
+            RannConfig().replace(compile_options=text)

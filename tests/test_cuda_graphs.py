@@ -222,10 +222,11 @@ def test_a_compiled_module_claims_its_cuda_gradients_only_and_reads_the_device_a
     them to the device for the runs (they were left out, and the second run's backward added into gradients a
     replay had written over: "accessing tensor output of CUDAGraphs that has been overwritten"). Gradients on
     the CPU stay as autograd made them."""
+    from rannc.config import CompileSettings
     from rannc.graph.compiled import CompiledModule
 
     layer = torch.nn.Linear(2, 2)
-    compiled = CompiledModule(layer, "blocks 0-1", mode="reduce-overhead")
+    compiled = CompiledModule(layer, "blocks 0-1", CompileSettings("reduce-overhead"))
     assert compiled.cuda_graphs and compiled.grads.params == list(layer.parameters())
     layer(torch.ones(1, 2)).sum().backward()
     installed = layer.weight.grad

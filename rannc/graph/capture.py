@@ -62,6 +62,11 @@ class CapturedGraph:
     def output_nodes(self) -> list[Any]:
         return list(next(n for n in self.gm.graph.nodes if n.op == "output").args[0])
 
+    def tensor_name(self, target: str) -> str:
+        """The user's name (its first state_dict name) of the tensor at the graph's attribute `target`, for
+        messages; the target itself for a tensor the model does not name."""
+        return self.tensor_names.get(id(_attr(self.gm, target)), target)
+
 
 class _FlatCall(nn.Module):
     """The model called with the graph's flat tensor inputs, returning the tensor leaves of its result:

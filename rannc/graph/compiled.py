@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from rannc.config import DEFAULT_COMPILE, CompileSettings
 from rannc.graph import dropout
 from rannc.graph.cuda_graphs import GraphGrads, claim_all, own_outputs
 from rannc.graph.regions import Regions, with_regions
@@ -29,12 +30,14 @@ logger = logging.getLogger("rannc.compile")
 class CompiledModule:
     """Calls `module` through torch.compile (inductor), counting compilations and steady-state
     recompilations. `name` says which module in the log ("stage 1", "blocks 0-9"). The first shapes compile
-    statically, and a change of shapes recompiles once with dynamic ones (torch.compile's default). `mode` as
-    torch.compile's (its inductor options: "reduce-overhead" replays CUDA graphs, and then the gradients of the
-    module's parameters and the call's outputs are kept out of the graphs' memory: rannc.graph.cuda_graphs).
-    `regions`: whole repeated layers of an fx module compile once (rannc.graph.regions)."""
+    statically, and a change of shapes recompiles once with dynamic ones (torch.compile's default). `settings`:
+    torch.compile's mode and inductor options over it (a mode or options replaying CUDA graphs, as
+    "reduce-overhead", keep the gradients of the module's parameters and the call's outputs out of the graphs'
+    memory: rannc.graph.cuda_graphs). `regions`: whole repeated layers of an fx module compile once
+    (rannc.graph.regions)."""
 
-    def __init__(self, module: torch.nn.Module, name: str, mode: str = "default", regions: bool = True):
+    def __init__(self, module: torch.nn.Module, name: str, settings: CompileSettings = DEFAULT_COMPILE,
+                 regions: bool = True):
         self.module = module
         self.name = name
         self.compiles = 0        # graphs compiled so far (more than one per situation with graph breaks)
@@ -42,7 +45,7 @@ class CompiledModule:
         self.region_calls = 0    # calls of shared layer code in the graphs compiled, and the distinct codes
         self.region_codes = 0    # they call (summed over the graphs)
         self._seen: set[tuple] = set()
-        self._options = _mode_options(mode)
+        self._options = settings.inductor_options()
         self.cuda_graphs = bool(self._options.get("triton.cudagraphs"))
         self.grads = GraphGrads(module.parameters() if self.cuda_graphs else [], cuda_only=True)
         self.regions = Regions(0, 0)
@@ -52,7 +55,7 @@ class CompiledModule:
                 logger.info("rannc: %s compiles %d layers as %d shared region(s)", name, self.regions.calls,
                             self.regions.functions)
         if any(p.is_cuda for p in self.grads.params):
-            logger.info("rannc: %s replays CUDA graphs (compile_mode %s)", name, mode)
+            logger.info("rannc: %s replays CUDA graphs (%s)", name, settings)
         self._compiled = torch.compile(module, backend=self._backend)
         self._at_limit = _fail_at_recompile_limit()   # made once: a reusable context, off the hot path
 
@@ -114,12 +117,6 @@ def _fail_at_recompile_limit():
     if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-
-
-def _mode_options(mode: str) -> dict:
-    import torch._inductor
-
-    return dict(torch._inductor.list_mode_options(mode))
 
 
 def _situation(args: tuple) -> tuple:

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from rannc.graph.blocks import Blocks, Linearized, _hint, _numel, node_flops
-from rannc.graph.capture import CapturedGraph, _attr, is_tensor_value
+from rannc.graph.capture import CapturedGraph, is_tensor_value
 from rannc.profile.profiler import tensor_table
 from rannc.profile.profiles import BlockProfile, Linear, ProfileSet
 from rannc.profile.update import estimate_update
@@ -67,7 +67,7 @@ def estimate_profiles(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
         for node in block_nodes:
             for arg in node.all_input_nodes:
                 if arg.op == "get_attr":
-                    names.append(captured.tensor_names.get(id(_attr(captured.gm, arg.target)), arg.target))
+                    names.append(captured.tensor_name(arg.target))
         profiles.append(BlockProfile(fwd_ms=Linear(overhead, fwd_per_sample),
                                      bwd_ms=Linear(2 * overhead, 2 * fwd_per_sample),
                                      activation_bytes=Linear(0.0, act), out_bytes=Linear(0.0, out),

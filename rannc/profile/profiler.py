@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from rannc import dist as rdist
+from rannc.config import DEFAULT_COMPILE, CompileSettings
 from rannc.graph import regions as layer_regions
 from rannc.graph.blocks import Blocks, Linearized
 from rannc.graph.capture import CapturedGraph, named_graph_tensors
@@ -67,15 +68,16 @@ def block_compile(compile_on: bool, regions: bool) -> str:
 
 
 def cache_key(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
-              autocast_dtype, compile_blocks: str = "", compile_mode: str = "default") -> str:
+              autocast_dtype, compile_blocks: str = "", compile_settings: CompileSettings = DEFAULT_COMPILE) -> str:
     """What the profile cache's file name holds: everything a cached profile's figures depend on, so that no
     profile taken under other terms is read back. With regions, their thresholds decide which layers compile as
-    regions, and so the timed runs' code; the compiled runs' mode decides whether they replay CUDA graphs."""
+    regions, and so the timed runs' code; the compiled runs' mode and options (whether they replay CUDA graphs,
+    how inductor generates their kernels) decide their times."""
     how = BLOCK_COMPILE[compile_blocks]
     if compile_blocks == "regions":
         how += f" {layer_regions.MIN_LAYERS} {layer_regions.MIN_OPERATIONS}"
-    if compile_blocks and compile_mode != "default":
-        how += f" {compile_mode}"
+    if compile_blocks and compile_settings != DEFAULT_COMPILE:
+        how += f" {compile_settings}"
     digest = hashlib.sha256()
     for part in (captured.fingerprint, str(blocks.bounds), str(sizes), device_name(device), str(autocast_dtype),
                  torch.__version__, __version__, how):
@@ -94,7 +96,7 @@ WINDOW_REPEATS = 5          # timed runs of a calibration window (see _window_re
 def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inputs: list[torch.Tensor],
                    sizes: list[int], device: torch.device, repeats: int = 3, autocast_dtype=None,
                    show_progress: bool = True, compile_blocks: str = "",
-                   compile_mode: str = "default") -> tuple[list[BlockProfile], Calibration]:
+                   compile_settings: CompileSettings = DEFAULT_COMPILE) -> tuple[list[BlockProfile], Calibration]:
     """Time and activation bytes of every block at each micro-batch size in `sizes`; then runs of consecutive
     blocks (the whole model when it fits) timed as one stage, for the calibration (see `Calibration`).
 
@@ -105,8 +107,8 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
     static compile per run costs what the deployed stage's compile costs, and a one-stage plan at that size then
     finds it in inductor's cache.
 
-    `compile_mode` is the mode the stages will compile in: under "reduce-overhead" the runs replay CUDA graphs,
-    as those stages do. Timed without them, a run of small kernels is timed at the pace the host launches them,
+    `compile_settings` are the stages' (mode and inductor options): under "reduce-overhead" the runs replay CUDA
+    graphs, as those stages do. Timed without them, a run of small kernels is timed at the pace the host launches them,
     which the deployed stage does not pay (BERT-large at batch 64 on one H200: forward and backward predicted
     1.5-1.8x the measured ones; 1.05-1.13x with the runs replayed)."""
     stages = [build_stage(captured, lin, *blocks.positions(k, k + 1)) for k in range(blocks.count)]
@@ -157,7 +159,7 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
             fwd_ms, bwd_ms, act, outs, (fresh, warm) = _profile_one(whole, whole.module, start_values, batch, device,
                                                                     _window_repeats(repeats), autocast_dtype)
             if compile_blocks and size == max(sizes):
-                compiled = CompiledModule(whole.module, f"blocks {first}-{end - 1}", mode=compile_mode,
+                compiled = CompiledModule(whole.module, f"blocks {first}-{end - 1}", compile_settings,
                                           regions=compile_blocks == "regions")
                 c_fwd, c_bwd, *_ = _profile_one(whole, compiled, start_values, batch, device,
                                                 _window_repeats(repeats), autocast_dtype)
@@ -184,8 +186,8 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
     if compile_blocks:
         fwd, bwd = compiled_scale(profiles, calibration, compiled_runs)
         if compiled_runs:
-            logger.info("compiled runs of blocks (mode %s) took %.2f of the eager forward and %.2f of the eager "
-                        "backward at %d samples: every block's times scaled by these", compile_mode, fwd, bwd,
+            logger.info("compiled runs of blocks (%s) took %.2f of the eager forward and %.2f of the eager "
+                        "backward at %d samples: every block's times scaled by these", compile_settings, fwd, bwd,
                         max(sizes))
         else:
             logger.warning("no run of two blocks or more fits the device: compile's gain is not in the profiles, "
@@ -500,11 +502,11 @@ def _hop_under_load(rank: int) -> float:
 
 def profile_cache_path(captured: CapturedGraph, blocks: Blocks, sizes: list[int], device: torch.device,
                        autocast_dtype, compile_blocks: str, cache_dir: str,
-                       compile_mode: str = "default") -> Path | None:
+                       compile_settings: CompileSettings = DEFAULT_COMPILE) -> Path | None:
     """Where the profile of this graph, blocks, sizes and device is cached (None: no cache)."""
     if not cache_dir:
         return None
-    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks, compile_mode)
+    key = cache_key(captured, blocks, sizes, device, autocast_dtype, compile_blocks, compile_settings)
     return Path(cache_dir).expanduser() / f"profile_{key}.json"
 
 
@@ -512,11 +514,11 @@ def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
                       sizes: list[int], device: torch.device, links: dict[str, float], repeats: int,
                       cache_dir: str, autocast_dtype=None, log=print, show_progress: bool = True,
                       update: UpdateProfile | None = None, compile_blocks: str = "",
-                      compile_mode: str = "default") -> ProfileSet:
+                      compile_settings: CompileSettings = DEFAULT_COMPILE) -> ProfileSet:
     """Profiles of every block, from the on-disk cache when the same graph was profiled before; the links and
     the optimizer's profile (`update`) are measured apart and set on it."""
     path = profile_cache_path(captured, blocks, sizes, device, autocast_dtype, compile_blocks, cache_dir,
-                              compile_mode)
+                              compile_settings)
     if path is not None and path.is_file():
         try:
             cached = ProfileSet.from_json(path.read_text())
@@ -530,8 +532,8 @@ def build_profile_set(captured: CapturedGraph, lin: Linearized, blocks: Blocks, 
             log(f"Ignoring unreadable profile cache {path}")
     t0 = time.perf_counter()
     block_profiles, calibration = profile_blocks(captured, lin, blocks, inputs, sizes, device, repeats,
-                                                 autocast_dtype, show_progress, compile_blocks, compile_mode)
-    compiled = f" (runs of blocks compiled, mode {compile_mode})" if compile_blocks else ""
+                                                 autocast_dtype, show_progress, compile_blocks, compile_settings)
+    compiled = f" (runs of blocks compiled: {compile_settings})" if compile_blocks else ""
     log(f"Profiled {blocks.count} blocks{compiled} at micro-batch sizes {sizes} in {time.perf_counter() - t0:.1f} s")
     tensor_bytes, trainable = tensor_table(captured)
     profile = ProfileSet(blocks=block_profiles, tensor_bytes=tensor_bytes, trainable=trainable,
