@@ -6,7 +6,8 @@
 The model is bert/modeling.py's BertForPreTrainingWithCriterion (loss inside), seq 128 with 20 masked
 positions per sequence (phase 1), LAMB, bf16 autocast on GPUs. Its MLM head scores the masked positions
 only; --full_sequence_mlm runs the seed's head over every position. Prints the rannc plan, samples/s,
-peak memory per GPU and the ratio rannc / DDP, and after the timed steps a few steps timed phase by phase
+peak memory per GPU (allocated, and reserved: under CUDA graphs, which rannc replays on GPUs, only the reserved
+figure holds the graphs' memory) and the ratio rannc / DDP, and after the timed steps a few steps timed phase by phase
 (forward, backward, clipping, optimizer; each followed by a device sync) to compare with the plan's parts.
 Clipping is bert/pretrain.py's: every contender takes the norm of its gradients (rannc's `calc_grad_norm`,
 torch's `get_total_norm`) and LAMB divides by it inside its update; --clip_with_model clips apart first.
@@ -262,9 +263,13 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     breakdown = {name: round(statistics.median(p[i] for p in phases), 2)
                  for i, name in enumerate(("forward", "backward", "clip", "optimizer"))} if phases else {}
     kernels = kernel_time(parts, args.kernel_steps) if args.kernel_steps and device.type == "cuda" else {}
+    # allocated misses what CUDA graphs' replays use: their memory was allocated while they recorded, before the
+    # peak was reset, and a replay allocates nothing; reserved holds the graphs' pools (and free cached blocks)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    peaks = [None] * world
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
+    peaks, reserved_peaks = [None] * world, [None] * world
     dist.all_gather_object(peaks, round(peak, 2))
+    dist.all_gather_object(reserved_peaks, round(reserved, 2))
     loss_value = loss.detach().clone()
     if kind == "ddp":
         dist.all_reduce(loss_value)
@@ -274,7 +279,8 @@ def run(kind: str, args, config, device, rank, world) -> dict:
     flops = flops_per_sample(config, args.seq, args.preds, args.full_sequence_mlm)
     result = {"contender": name, "samples_per_s": samples_per_s,
               "mfu": samples_per_s * flops / world / (args.peak_tflops * 1e12) if args.peak_tflops else None,
-              "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks, "first_step_s": setup_s,
+              "step_ms": elapsed / args.steps * 1e3, "peak_mem_gib_per_gpu": peaks,
+              "peak_reserved_gib_per_gpu": reserved_peaks, "first_step_s": setup_s,
               "final_loss": loss_value, "breakdown_ms": breakdown, "gc_ms_per_step": round(gc_ms, 2), **kernels}
     if kind == "rannc":
         deployment = wrapped.deployment
@@ -284,6 +290,8 @@ def run(kind: str, args, config, device, rank, world) -> dict:
         result["predicted_peak_gib"] = deployment.peak_memory_bytes() / 2**30
         if peak:
             result["predicted_over_measured_peak"] = result["predicted_peak_gib"] / max(p for p in peaks if p)
+            result["predicted_over_reserved_peak"] = result["predicted_peak_gib"] / max(
+                p for p in reserved_peaks if p)
     del wrapped, model, optimizer, batch, loss, parts
     gc.unfreeze()
     forget_contender(device)
@@ -367,8 +375,8 @@ def main() -> None:
                 print(row["plan"], flush=True)
     if rank == 0:
         ok = {r["contender"]: r for r in rows if "error" not in r}
-        print("| contender | samples/s | step ms | MFU % | peak GiB per GPU | forward / backward / clip / optimizer ms "
-              "|\n| --- | ---: | ---: | ---: | --- | --- |")
+        print("| contender | samples/s | step ms | MFU % | peak GiB per GPU (allocated; reserved) | "
+              "forward / backward / clip / optimizer ms |\n| --- | ---: | ---: | ---: | --- | --- |")
         for r in rows:
             if "error" in r:
                 print(f"| {r['contender']} | {r['error']} | | | | |")
@@ -376,7 +384,7 @@ def main() -> None:
                 mfu = f"{100 * r['mfu']:.1f}" if r.get("mfu") else "-"
                 parts = " / ".join(f"{v:.1f}" for v in r["breakdown_ms"].values())
                 print(f"| {r['contender']} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} | {mfu} | "
-                      f"{r['peak_mem_gib_per_gpu']} | {parts} |")
+                      f"{r['peak_mem_gib_per_gpu']}; {r['peak_reserved_gib_per_gpu']} | {parts} |")
         if "rannc" in ok and "ddp" in ok:
             print(f"rannc / DDP = {ok['rannc']['samples_per_s'] / ok['ddp']['samples_per_s']:.3f}")
         if args.out:
