@@ -30,19 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bert_throughput import make_batch  # noqa: E402
 from bert.modeling import BertConfig, BertForPreTrainingWithCriterion  # noqa: E402
+from rannc.config import inductor_options  # noqa: E402
 
 
 def parse_options(spec: str) -> dict:
-    """`coordinate_descent_tuning=true;max_autotune_pointwise=false` -> inductor options; `default` -> {}."""
-    options = {}
-    for pair in filter(None, spec.split(";")):
-        if pair == "default":
-            continue
-        key, _, value = pair.partition("=")
-        lowered = value.lower()
-        options[key] = (lowered == "true" if lowered in ("true", "false") else
-                        int(value) if value.lstrip("-").isdigit() else value)
-    return options
+    """`coordinate_descent_tuning=true;combo_kernels=true` -> inductor options, read as rannc's compile_options
+    item reads them; `default` -> {}."""
+    return dict(inductor_options(" ".join(p for p in spec.split(";") if p != "default")))
 
 
 def forward_backward(compiled, model, batch) -> None:

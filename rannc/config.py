@@ -155,7 +155,7 @@ class RannConfig:
         default="", metadata={"help": "inductor options for compiled stages, over those of compile_mode: name=value "
                                       "pairs separated by spaces, as torch.compile's options argument takes them "
                                       "(e.g. 'coordinate_descent_tuning=true combo_kernels=true'); the profiler's "
-                                      "compiled runs of blocks use them too"})
+                                      "compiled runs of blocks use them too; CUDA graphs are compile_mode's"})
     compile_regions: bool = dataclasses.field(
         default=True, metadata={"help": "with compile: whole repeated layers of a stage (four or more of one code) "
                                         "compile once, as shared regions (torch.compiler.nested_compile_region), "
@@ -386,38 +386,63 @@ DEFAULT_COMPILE = CompileSettings()   # torch.compile's default mode, no options
 
 def inductor_options(text: str) -> tuple[tuple[str, Any], ...]:
     """The compile_options item's `name=value` pairs (spaces between them), each name one of inductor's options
-    (dotted for nested ones: triton.cudagraphs) and each value read as that option's type; sorted by name.
-    ValueError naming what is wrong."""
+    (dotted for nested ones: combo_kernels, triton.max_tiles) and each value read as that option's type (an
+    option whose default is None by its declared type: true/false, a number, none, or text); sorted by name.
+    ValueError naming what is wrong. `triton.cudagraphs` is left to the compile_mode item, whose auto keeps
+    CUDA graphs away from recomputing stages."""
     if not text.split():
         return ()
     import torch._inductor.config as inductor_config
 
+    known = inductor_config.get_config_copy()
     options = {}
     for pair in text.split():
         name, sep, word = pair.partition("=")
         if not sep or not name or not word:
             raise ValueError(f"'{pair}' is not name=value")
-        current = inductor_config
-        for part in name.split("."):
-            if not hasattr(current, part) or part.startswith("_"):
-                raise ValueError(f"'{name}' is not one of inductor's options (torch._inductor.config)")
-            current = getattr(current, part)
-        if isinstance(current, bool):
-            if word.lower() not in _BOOL_WORDS:
-                raise ValueError(f"option '{name}' takes true or false, not {word!r}")
-            value: Any = _BOOL_WORDS[word.lower()]
-        elif isinstance(current, (int, float)):
-            try:
-                value = type(current)(word)
-            except ValueError:
-                kind = "an integer" if isinstance(current, int) else "a number"
-                raise ValueError(f"option '{name}' takes {kind}, not {word!r}") from None
-        elif isinstance(current, str) or current is None:
-            value = word
-        else:
-            raise ValueError(f"option '{name}' holds a {type(current).__name__}, which compile_options cannot set")
-        options[name] = value
+        if name not in known:
+            raise ValueError(f"'{name}' is not one of inductor's options (torch._inductor.config)")
+        if name == "triton.cudagraphs":
+            raise ValueError("CUDA graphs are set by the compile_mode item (reduce-overhead; its auto keeps them "
+                             "away from stages that recompute)")
+        entry = getattr(inductor_config, "_config", {}).get(name)
+        options[name] = _option_value(name, word, known[name], getattr(entry, "value_type", None))
     return tuple(sorted(options.items()))
+
+
+def _option_value(name: str, word: str, current: Any, declared: Any) -> Any:
+    """`word` as a value of inductor's option `name`: of the type of its value now, or where that is None, of
+    its declared type (`int | None`, `bool | None`, a Literal of words; any of bool, int, float, text where
+    nothing is declared)."""
+    import types
+    import typing
+
+    if current is not None:
+        kinds: tuple = (type(current),)
+        nullable = False
+    else:
+        parts = typing.get_args(declared) if isinstance(declared, types.UnionType) or (
+            typing.get_origin(declared) is typing.Union) else (declared,)
+        nullable = True
+        kinds = tuple(str if typing.get_origin(k) is typing.Literal else k for k in parts
+                      if k is not type(None) and k is not None) or (bool, int, float, str)
+    if nullable and word.lower() == "none":
+        return None
+    if bool in kinds and word.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[word.lower()]
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(word)
+            except ValueError:
+                pass
+    if str in kinds:
+        return word
+    if not set(kinds) <= {bool, int, float}:
+        raise ValueError(f"option '{name}' holds a {' or '.join(getattr(k, '__name__', str(k)) for k in kinds)}, "
+                         f"which compile_options cannot set")
+    wanted = " or ".join({bool: "true or false", int: "an integer", float: "a number"}[k] for k in kinds)
+    raise ValueError(f"option '{name}' takes {wanted}, not {word!r}")
 
 
 def stage_compile(config: RannConfig, device_type: str, recompute: bool) -> CompileSettings:

@@ -382,14 +382,15 @@ def test_the_profiler_times_compiled_runs_as_the_stages_compile(monkeypatch):
     assert profiled_compile(tuned, "cuda") == stage_compile(tuned, "cuda", recompute=False) == settings
     assert stage_compile(tuned, "cuda", recompute=True) == CompileSettings("default", settings.options)
 
-    made = []
+    made, calls = [], []
 
     class Recording:   # stands in for CompiledModule: runs the module eagerly, keeps the settings it was given
         def __init__(self, module, name, settings, regions=True):
             made.append(settings)
-            self.module = module
+            self.module, self.cuda_graphs = module, settings.mode == "reduce-overhead"
 
         def __call__(self, *args):
+            calls.append(self.cuda_graphs)
             return self.module(*args)
 
     monkeypatch.setattr(profiler, "CompiledModule", Recording)
@@ -398,9 +399,12 @@ def test_the_profiler_times_compiled_runs_as_the_stages_compile(monkeypatch):
     inputs = (torch.randn(4, 8),)
     captured = capture(model, inputs)
     lin = linearize(captured)
-    profiler.profile_blocks(captured, lin, make_blocks(lin, 3), list(inputs), [2, 4], torch.device("cpu"),
-                            repeats=1, show_progress=False, compile_blocks="inline", compile_settings=settings)
-    assert made == [settings]
+    for compiled in (settings, CompileSettings()):
+        profiler.profile_blocks(captured, lin, make_blocks(lin, 3), list(inputs), [2, 4], torch.device("cpu"),
+                                repeats=1, show_progress=False, compile_blocks="inline", compile_settings=compiled)
+    assert made == [settings, CompileSettings()]
+    # one timed run each; replaying graphs, two runs before it (the first runs the code, the second records)
+    assert calls == [True] * 3 + [False] * 2
 
     captured, blocks, cpu = SimpleNamespace(fingerprint="f"), SimpleNamespace(bounds=[0, 3, 7]), torch.device("cpu")
 
@@ -413,18 +417,24 @@ def test_the_profiler_times_compiled_runs_as_the_stages_compile(monkeypatch):
 
 
 def test_compile_options_are_checked_against_inductors_options():
-    """A name inductor does not have, or a value not of the option's type, stops at the configuration, naming
-    the item; values are read as the option's type."""
+    """A name inductor does not have (an attribute of its config module that is no option, too), or a value not
+    of the option's type, stops at the configuration, naming the item; values are read as the option's type.
+    CUDA graphs stay the compile_mode item's: an option turning them on would reach recomputing stages."""
     from rannc.config import inductor_options
 
     assert inductor_options("") == ()
     assert inductor_options("max_autotune_gemm_backends=ATEN combo_kernels=on") == (
         ("combo_kernels", True), ("max_autotune_gemm_backends", "ATEN"))
+    # options whose default is None, read by their declared type (a string 'false' would have turned one on)
+    assert inductor_options("triton.autotune_at_compile_time=false triton.max_tiles=3") == (
+        ("triton.autotune_at_compile_time", False), ("triton.max_tiles", 3))
     assert RannConfig().replace(compile_options="coordinate_descent_search_radius=2").compile_options
     for text, words in (("coordinate_descent_tunning=true", "not one of inductor's options"),
                         ("combo_kernels=maybe", "takes true or false"),
                         ("coordinate_descent_search_radius=two", "takes an integer"),
                         ("combo_kernels", "is not name=value"),
-                        ("triton.nonexistent=1", "not one of inductor's options")):
+                        ("triton.nonexistent=1", "not one of inductor's options"),
+                        ("os.sep=x", "not one of inductor's options"),
+                        ("triton.cudagraphs=true", "compile_mode item")):
         with pytest.raises(ConfigError, match=f"'compile_options'.*{words}"):
             RannConfig().replace(compile_options=text)

@@ -232,3 +232,41 @@ def test_a_compiled_module_claims_its_cuda_gradients_only_and_reads_the_device_a
     installed = layer.weight.grad
     compiled.claim_grads()
     assert compiled.grads.copies == 0 and layer.weight.grad is installed
+    if not torch.cuda.is_available():
+        return
+    layer.zero_grad(set_to_none=True)
+    for p in layer.parameters():    # as the profiler's _on_device moves them
+        p.data = p.data.cuda()
+    layer(torch.ones(1, 2, device="cuda")).sum().backward()
+    installed = layer.weight.grad
+    compiled.claim_grads()
+    assert compiled.grads.copies == 2 and layer.weight.grad is not installed
+    assert torch.equal(layer.weight.grad, installed)
+
+
+def test_a_compiled_module_once_dropped_is_no_longer_claimed_for(monkeypatch):
+    """dynamo keeps every backend it was given: a backend holding its compiled module strongly kept every module
+    alive, and every later compiled call claimed the gradients of each one the profiler had made and dropped
+    (the parameters of the whole model, copied for nothing where a stage of the rank does not replay graphs)."""
+    import gc
+
+    import torch._inductor.compile_fx
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from rannc.config import CompileSettings
+    from rannc.graph import cuda_graphs
+    from rannc.graph.compiled import CompiledModule
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
+                        lambda gm, inputs, config_patches=None: aot_eager(gm, inputs))
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(2, 2)
+    compiled = CompiledModule(layer, "blocks 0-1", CompileSettings("reduce-overhead"))
+    compiled(torch.ones(1, 2)).sum().backward()
+    assert compiled.compiles == 1
+    registered = compiled.grads
+    assert registered in cuda_graphs._ALIVE
+    del compiled, registered
+    gc.collect()
+    assert not any(p is layer.weight for grads in cuda_graphs._ALIVE for p in grads.params)
+    torch._dynamo.reset()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
 
@@ -56,7 +57,7 @@ class CompiledModule:
                             self.regions.functions)
         if any(p.is_cuda for p in self.grads.params):
             logger.info("rannc: %s replays CUDA graphs (%s)", name, settings)
-        self._compiled = torch.compile(module, backend=self._backend)
+        self._compiled = torch.compile(module, backend=_WeakBackend(self))
         self._at_limit = _fail_at_recompile_limit()   # made once: a reusable context, off the hot path
 
     def _backend(self, graph_module: torch.fx.GraphModule, example_inputs):
@@ -106,6 +107,22 @@ class CompiledModule:
         """Copy the gradients a CUDA graph's replay may still own out of its memory (before they are set
         aside past the next compiled call)."""
         self.grads.claim()
+
+
+class _WeakBackend:
+    """A CompiledModule's backend, holding it weakly: dynamo keeps every backend it is given for the life of the
+    process, and through a bound method it kept each module alive, with its parameters registered for the
+    gradients' claims of rannc.graph.cuda_graphs (every run of blocks the profiler compiled stayed registered,
+    and every later compiled call walked and claimed their gradients)."""
+
+    def __init__(self, owner: CompiledModule) -> None:
+        self._owner = weakref.ref(owner)
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs):
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("rannc: a compiled module was called after it was released")
+        return owner._backend(graph_module, example_inputs)
 
 
 def _fail_at_recompile_limit():

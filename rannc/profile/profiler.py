@@ -161,8 +161,10 @@ def profile_blocks(captured: CapturedGraph, lin: Linearized, blocks: Blocks, inp
             if compile_blocks and size == max(sizes):
                 compiled = CompiledModule(whole.module, f"blocks {first}-{end - 1}", compile_settings,
                                           regions=compile_blocks == "regions")
+                # replaying CUDA graphs, the first call runs the code and the second records the graphs
                 c_fwd, c_bwd, *_ = _profile_one(whole, compiled, start_values, batch, device,
-                                                _window_repeats(repeats), autocast_dtype)
+                                                _window_repeats(repeats), autocast_dtype,
+                                                warmups=2 if compiled.cuda_graphs else 1)
                 compiled_runs.append((fwd_ms, c_fwd, bwd_ms, c_bwd))
             sent = sum(_bytes(o) for o in outs if isinstance(o, torch.Tensor)) if not whole.is_last else 0
             grads = sum(_bytes(t) for t in whole.parameters() if t.requires_grad)
@@ -325,9 +327,9 @@ def _split_backward_ms(stage, values, batch, device, repeats, autocast_dtype) ->
         return statistics.median(bi_times), statistics.median(bw_times)
 
 
-def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
+def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype, warmups: int = 1):
     """Forward and backward time of one block (or run of blocks), with its parameters on the device for the
-    measurement (the median of `repeats` runs after a warm-up; the fastest run, tried for the runs of many
+    measurement (the median of `repeats` runs after `warmups` runs; the fastest run, tried for the runs of many
     blocks, predicted the 4.9B model's step 8-9% short on one H200); also the bytes saved for backward, the
     outputs, and on CUDA the peak memory above what was allocated before the first run (gradients not yet
     there) and before the later runs (gradients there)."""
@@ -342,7 +344,7 @@ def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
         fwd_times, bwd_times, outs = [], [], None
         cuda = device.type == "cuda"
         extra = [0.0, 0.0]    # peak above the start: the first run (no gradients yet), the later ones (with)
-        for rep in range(repeats + 1):
+        for rep in range(repeats + warmups):
             if cuda:
                 sync_device(device)
                 baseline = torch.cuda.memory_allocated(device)
@@ -361,7 +363,7 @@ def _profile_one(stage, run, values, batch, device, repeats, autocast_dtype):
                 torch.autograd.backward(diff, [torch.ones_like(o) for o in diff])
             sync_device(device)
             t2 = time.perf_counter()
-            if rep:  # the first run warms up
+            if rep >= warmups:
                 fwd_times.append((t1 - t0) * 1e3)
                 bwd_times.append((t2 - t1) * 1e3)
             if cuda:
