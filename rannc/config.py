@@ -150,7 +150,8 @@ class RannConfig:
                                           "stages on CUDA devices that do not recompute, default elsewhere; the "
                                           "profiler's compiled runs of blocks use it too), "
                                           "default, reduce-overhead (CUDA graphs: no host time launching "
-                                          "kernels), max-autotune or max-autotune-no-cudagraphs"})
+                                          "kernels), max-autotune or max-autotune-no-cudagraphs; stages that "
+                                          "recompute never replay CUDA graphs"})
     compile_options: str = dataclasses.field(
         default="", metadata={"help": "inductor options for compiled stages, over those of compile_mode: name=value "
                                       "pairs separated by spaces, as torch.compile's options argument takes them "
@@ -353,13 +354,21 @@ def compiles(config: RannConfig, device_type: str) -> bool:
     return config.compile == "true"
 
 
+# The modes that replay CUDA graphs, and each one's counterpart without them
+WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 def compile_mode(config: RannConfig, device_type: str, recompute: bool) -> str:
     """torch.compile's mode for one stage. auto replays CUDA graphs on CUDA devices: a stage's kernels are
     launched from the host one by one otherwise, and at BERT-large batch 64 on one H200 that host time is the
-    step (44-73 ms for 41 ms of device work). Not for a recomputing stage, whose checkpoint runs the compiled
-    module again inside the backward."""
+    step (44-73 ms for 41 ms of device work). Never for a recomputing stage, whose checkpoint runs the compiled
+    module again inside the backward, which CUDA graph trees fail at (pytorch/pytorch#154306, #148829): a mode
+    named in the item that replays graphs gives its counterpart without them there (WITHOUT_GRAPHS; the
+    deployment says so)."""
     if config.compile_mode == "auto":
         return "reduce-overhead" if device_type == "cuda" and not recompute else "default"
+    if recompute:
+        return WITHOUT_GRAPHS.get(config.compile_mode, config.compile_mode)
     return config.compile_mode
 
 

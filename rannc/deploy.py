@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rannc import dist as rdist
-from rannc.config import RannConfig, compiles, profiled_compile, stage_compile
+from rannc.config import WITHOUT_GRAPHS, RannConfig, compiles, profiled_compile, stage_compile
 from rannc.graph.blocks import Blocks, Linearized, linearize, make_blocks
 from rannc.graph.capture import CapturedGraph, capture, preserved_state, retarget_device, written_buffers
 from rannc.graph.compiled import CompiledModule
@@ -323,8 +323,12 @@ def _compiled(module: torch.nn.Module, index: int, recompute: bool, config: Rann
     """Stage `index`'s module under torch.compile where the compile item says so, else None."""
     if not compiles(config, device.type):
         return None
-    return CompiledModule(module, f"stage {index}", stage_compile(config, device.type, recompute),
-                          regions=config.compile_regions)
+    settings = stage_compile(config, device.type, recompute)
+    if settings.mode != config.compile_mode and config.compile_mode in WITHOUT_GRAPHS:
+        logger.warning("rannc: stage %d recomputes, and CUDA graphs fail inside activation checkpointing "
+                       "(pytorch/pytorch#154306): it compiles in mode %s, not %s", index, settings.mode,
+                       config.compile_mode)
+    return CompiledModule(module, f"stage {index}", settings, regions=config.compile_regions)
 
 
 def _check_cuts(deployment: Deployment, stages: list) -> None:

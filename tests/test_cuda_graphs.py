@@ -26,7 +26,11 @@ def test_auto_mode_replays_graphs_on_cuda_where_the_stage_does_not_recompute():
     assert compile_mode(config, "cuda", recompute=False) == "reduce-overhead"
     assert compile_mode(config, "cuda", recompute=True) == "default"
     assert compile_mode(config, "cpu", recompute=False) == "default"
-    assert compile_mode(RannConfig(compile_mode="max-autotune"), "cuda", recompute=True) == "max-autotune"
+    # graph trees fail inside activation checkpointing: a recomputing stage takes the mode without graphs
+    assert compile_mode(RannConfig(compile_mode="max-autotune"), "cuda", recompute=True) == \
+        "max-autotune-no-cudagraphs"
+    assert compile_mode(RannConfig(compile_mode="reduce-overhead"), "cuda", recompute=True) == "default"
+    assert compile_mode(RannConfig(compile_mode="reduce-overhead"), "cuda", recompute=False) == "reduce-overhead"
 
 
 def test_claimed_gradients_leave_the_memory_they_came_in():
@@ -269,4 +273,39 @@ def test_a_compiled_module_once_dropped_is_no_longer_claimed_for(monkeypatch):
     del compiled, registered
     gc.collect()
     assert not any(p is layer.weight for grads in cuda_graphs._ALIVE for p in grads.params)
+    torch._dynamo.reset()
+
+
+def test_code_compiled_without_the_cuda_graphs_its_mode_asks_for_is_named(monkeypatch, caplog):
+    """Inductor leaves a graph out of CUDA graphs (a mutated input, a CPU tensor) saying so only under
+    TORCH_LOGS=cudagraphs, and its kernels are then launched one by one: rannc warns once per module, for a
+    skip while compiling the forward (in the call) and for one while compiling the backward (counted at the next
+    call). Here the compiler stands in for inductor and counts a skip as inductor does."""
+    import logging
+
+    import torch._inductor.compile_fx
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._dynamo.utils import counters
+
+    from rannc.config import CompileSettings
+    from rannc.graph.compiled import CompiledModule
+
+    def skipping(gm, inputs, config_patches=None):
+        counters["inductor"]["cudagraph_skips"] += 1
+        return aot_eager(gm, inputs)
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", skipping)
+    torch._dynamo.reset()
+    compiled = CompiledModule(torch.nn.Linear(2, 2), "stage 0", CompileSettings("reduce-overhead"))
+    with caplog.at_level(logging.WARNING, logger="rannc.compile"):
+        compiled(torch.ones(1, 2)).sum().backward()
+        assert compiled.graph_skips == 1
+        counters["inductor"]["cudagraph_skips"] += 1    # as the backward's compile would
+        compiled(torch.ones(1, 2)).sum().backward()
+        assert compiled.graph_skips == 2
+        compiled(torch.ones(1, 2))
+        assert compiled.graph_skips == 2
+    warnings = [r.getMessage() for r in caplog.records if "without CUDA graphs" in r.getMessage()]
+    assert len(warnings) == 1 and "stage 0 runs part of its forward" in warnings[0]
+    assert "TORCH_LOGS=cudagraphs" in warnings[0]
     torch._dynamo.reset()

@@ -5,7 +5,9 @@ situation it runs in (shapes, dtypes and requires_grad of the arguments, grad mo
 switches of rannc.graph.dropout). A compilation on a situation never seen before is expected: the first
 micro-batch size, the other sizes, evaluation, a recomputing stage. A compilation on a situation that has
 run before means torch.compile's guards failed in the steady state, which costs seconds on every step:
-it is logged as a warning and counted in `recompiles`, which the tests check stays 0.
+it is logged as a warning and counted in `recompiles`, which the tests check stays 0. Likewise a module whose
+mode replays CUDA graphs but whose code inductor compiled without them (it says why only where asked) is
+named in a warning, once.
 
 Whole repeated layers of the module are shared compile regions (rannc.graph.regions), so that a stage of
 many layers compiles one of each kind. The profiler times runs of blocks with the same wrapper, so that the
@@ -46,6 +48,8 @@ class CompiledModule:
         self.region_calls = 0    # calls of shared layer code in the graphs compiled, and the distinct codes
         self.region_codes = 0    # they call (summed over the graphs)
         self._seen: set[tuple] = set()
+        self.graph_skips = 0     # graphs compiled for it that inductor left out of CUDA graphs (see _skipped)
+        self._settings = settings
         self._options = settings.inductor_options()
         self.cuda_graphs = bool(self._options.get("triton.cudagraphs"))
         self.grads = GraphGrads(module.parameters() if self.cuda_graphs else [], cuda_only=True)
@@ -74,6 +78,12 @@ class CompiledModule:
         before = self.compiles
         if self.cuda_graphs:
             claim_all()
+            skips = _graph_skips()
+            last, seen = _LAST_GRAPHED
+            if seen > skips:    # torch._dynamo.reset() cleared the counts
+                seen = 0
+            if skips > seen and last() is not None:   # since the last graphed call: its backward compiled
+                last()._skipped(skips - seen, "backward")
         try:
             with self._at_limit:
                 out = self._compiled(*args)
@@ -101,12 +111,40 @@ class CompiledModule:
             else:
                 logger.info("rannc: compiled %s for %s", self.name, _describe(situation))
         self._seen.add(situation)
-        return own_outputs(out) if self.cuda_graphs else out
+        if not self.cuda_graphs:
+            return out
+        now = _graph_skips()
+        if now > skips:
+            self._skipped(now - skips, "forward")
+        _LAST_GRAPHED[:] = [weakref.ref(self), now]
+        return own_outputs(out)
+
+    def _skipped(self, count: int, part: str) -> None:
+        """Inductor compiled code of this module without the CUDA graphs its mode asks for (a mutated input, such
+        as BatchNorm's running statistics, a tensor on the CPU, ...): say so once, since it says it only where
+        asked (TORCH_LOGS=cudagraphs) and the kernels are then launched from the host one by one."""
+        if not self.graph_skips:
+            logger.warning("rannc: %s runs part of its %s without CUDA graphs although its mode replays them "
+                           "(%s): inductor left %d graph(s) out; TORCH_LOGS=cudagraphs names why", self.name,
+                           part, self._settings, count)
+        self.graph_skips += count
 
     def claim_grads(self) -> None:
         """Copy the gradients a CUDA graph's replay may still own out of its memory (before they are set
         aside past the next compiled call)."""
         self.grads.claim()
+
+
+# The module whose graphed call came last (weakly) and inductor's count of skipped CUDA graphs after it: a skip
+# counted by the next graphed call happened in between, in a backward (compiled at its first run), put on that
+# module (where a rank holds several graphed pieces, the backward may have been another's)
+_LAST_GRAPHED: list = [lambda: None, 0]
+
+
+def _graph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 class _WeakBackend:
