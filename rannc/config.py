@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import tomllib
@@ -393,6 +394,7 @@ class CompileSettings:
 DEFAULT_COMPILE = CompileSettings()   # torch.compile's default mode, no options of the items
 
 
+@functools.lru_cache(maxsize=64)   # read at validation and again for every stage and the profiler
 def inductor_options(text: str) -> tuple[tuple[str, Any], ...]:
     """The compile_options item's `name=value` pairs (spaces between them), each name one of inductor's options
     (dotted for nested ones: combo_kernels, triton.max_tiles) and each value read as that option's type (an

@@ -29,7 +29,15 @@ from rannc.plan.deployment import Deployment, DeploymentError
 from rannc.plan.planner import parse_stage_replicas, plan, profile_sizes, rows_within
 from rannc.precision import DTYPES, MasterWeights
 from rannc.profile.estimate import DeviceSpec, estimate_profiles
-from rannc.profile.profiler import LINK_KEYS, block_compile, build_profile_set, cached_links, profile_cache_path
+from rannc.profile.profiler import (
+    LINK_KEYS,
+    block_compile,
+    build_profile_set,
+    cached_links,
+    graphed_functions,
+    profile_cache_path,
+    release_profiler_memory,
+)
 from rannc.profile.profiles import ProfileSet
 from rannc.profile.update import cached_update
 from rannc.runtime.engine import Engine
@@ -214,8 +222,11 @@ class ProfileJob:
     def profile(self, quiet: bool = False):
         """Every block's profile and the optimizer's (`quiet`: alongside rank 0, nothing logged or cached)."""
         config, log = self.config, (lambda *_: None) if quiet else logger.info
+        graphed_before = graphed_functions(self.device)
         with torch.enable_grad():   # a first call under no_grad (evaluation first) still times backwards
-            return self._profile(config, log, quiet)
+            profile = self._profile(config, log, quiet)
+        release_profiler_memory(self.device, graphed_before)
+        return profile
 
     def _profile(self, config: RannConfig, log, quiet: bool):
         update = cached_update(self.optimizer_patch.optimizer if self.optimizer_patch is not None else None,

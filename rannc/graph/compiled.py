@@ -21,6 +21,7 @@ import logging
 import weakref
 
 import torch
+from torch._dynamo.utils import counters as _dynamo_counters  # read on every graphed call; rannc loads dynamo anyway
 
 from rannc.config import DEFAULT_COMPILE, CompileSettings
 from rannc.graph import dropout
@@ -142,9 +143,7 @@ _LAST_GRAPHED: list = [lambda: None, 0]
 
 
 def _graph_skips() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
+    return _dynamo_counters["inductor"]["cudagraph_skips"]
 
 
 class _WeakBackend:
