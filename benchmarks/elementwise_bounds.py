@@ -2,8 +2,8 @@
 without it: dropout's random draws in dropout + residual + LayerNorm, and erf/exp in GELU forward and backward.
 Each expression is compiled alone at BERT-large's shapes (hidden 1024, intermediate 4096) and timed with
 triton's do_bench; the bytes counted are the 2-D inputs and the outputs. The differences bound what any
-kernel keeping the same bytes could gain by cheaper arithmetic (BERT-large runs 46 such LayerNorms and 24
-GELUs per forward).
+kernel keeping the same bytes could gain by cheaper arithmetic (BERT-large runs about 48 such LayerNorms
+and 24 GELUs per forward).
 
     python benchmarks/elementwise_bounds.py --batch 256
 """

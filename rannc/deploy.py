@@ -223,10 +223,11 @@ class ProfileJob:
         """Every block's profile and the optimizer's (`quiet`: alongside rank 0, nothing logged or cached)."""
         config, log = self.config, (lambda *_: None) if quiet else logger.info
         graphed_before = graphed_functions(self.device)
-        with torch.enable_grad():   # a first call under no_grad (evaluation first) still times backwards
-            profile = self._profile(config, log, quiet)
-        release_profiler_memory(self.device, graphed_before)
-        return profile
+        try:
+            with torch.enable_grad():   # a first call under no_grad (evaluation first) still times backwards
+                return self._profile(config, log, quiet)
+        finally:
+            release_profiler_memory(self.device, graphed_before)
 
     def _profile(self, config: RannConfig, log, quiet: bool):
         update = cached_update(self.optimizer_patch.optimizer if self.optimizer_patch is not None else None,
@@ -257,7 +258,8 @@ def _make_plan(job: ProfileJob) -> Deployment:
                        "only, and the plan keeps to them", low, "any number of" if high is None else high)
     logger.info("Running profiler%s ...", " (every rank alongside)" if job.alongside else "")
     profile = job.profile()
-    logger.info("Profiling finished")
+    logger.info("Profiling finished%s", f" ({torch.cuda.memory_reserved(job.device) / 2**30:.1f} GiB of the device's "
+                f"memory left reserved)" if job.device.type == "cuda" else "")
     logger.info("Assuming batch size: %d", job.batch_size)
     return plan(profile, job.blocks, job.plan_world, job.batch_size, config, captured.fingerprint,
                 captured.batch_range, in_call_ok=captured.outputs.kinds == ["scalar"],
