@@ -208,6 +208,55 @@ def test_recurrent_and_alpha_dropout_follow_eval_mode_and_enable_dropout():
             assert _rel(wrapped(x), reference(x)) < RTOL
 
 
+class _StackedLstm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 6, num_layers=2, dropout=0.5, batch_first=True)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.head(y).sum()
+
+
+def test_a_recomputing_stage_replays_recurrent_dropout_masks(monkeypatch):
+    """A stage that recomputes runs a recurrent layer dropping out between layers without cuDNN, both times:
+    cuDNN's RNN draws its masks from a dropout state of its own that the recomputation's restored RNG state does
+    not reach (pytorch/pytorch#74177), and its backward would then belong to other masks than the loss. The
+    gradients match a stage that keeps its activations, dropout on, cuDNN off there too where there is CUDA
+    (on the CPU there is no cuDNN: the switch is counted)."""
+    import rannc
+    from rannc.graph import dropout as switches
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+    original = switches._without_cudnn
+
+    def counted(op, args):
+        calls.append(switches.switches()[2])   # recomputing or not
+        return original(op, args)
+
+    monkeypatch.setattr(switches, "_without_cudnn", counted)
+    torch.manual_seed(0)
+    model = _StackedLstm().to(device)
+    kept = copy.deepcopy(model)
+    recomputed = rannc.RaNNCModule(model, profile_repeats=1, verbose=False, recompute="always", compile=False)
+    keeping = rannc.RaNNCModule(kept, profile_repeats=1, verbose=False, recompute="never", compile=False)
+    x = torch.randn(8, 5, 6, device=device)
+    recomputed(x), keeping(x)    # deploy both
+    model.zero_grad(), kept.zero_grad()
+    calls.clear()
+    torch.manual_seed(1)
+    recomputed(x).backward()
+    assert calls == [False, True]   # the first run and the recomputation, cuDNN off in both
+    torch.manual_seed(1)
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    keeping(x).backward()
+    assert calls == [False, True]
+    for p, q in zip(model.parameters(), kept.parameters()):
+        assert _rel(p.grad, q.grad) < RTOL
+
+
 class _DropoutInBlocks(nn.Module):
     """Dropout inside a torch.no_grad() block and inside an autocast block: export traces both apart, as
     subgraphs of higher-order ops, and the switches must reach them there too."""

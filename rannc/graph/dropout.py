@@ -11,6 +11,7 @@ call these functions instead, which read switches the owning RaNNCModule sets ar
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.fx as fx
@@ -20,6 +21,7 @@ class _Switches:
     active = True        # dropout draws masks
     training = True      # batch-statistics layers use (and update) batch statistics
     recomputing = False  # a stage is recomputing its forward for backward
+    checkpointed = False  # a stage that recomputes runs its forward, first or again
 
 
 _state = _Switches()
@@ -48,6 +50,11 @@ def train_mode(on: bool):
 def recomputing():
     """Mark a stage's recomputation of its forward (in backward)."""
     return _switched("recomputing", True)
+
+
+def checkpointed():
+    """Mark both runs of the forward of a stage that recomputes: the first and its recomputation in backward."""
+    return _switched("checkpointed", True)
 
 
 def switches() -> tuple[bool, bool, bool]:
@@ -80,6 +87,8 @@ def _recurrent(op, dropout_at: int):
         if not _state.active:
             args[dropout_at] = 0.0
         args[dropout_at + 1] = args[dropout_at + 1] and _state.training
+        if _state.checkpointed and args[dropout_at] > 0 and args[dropout_at + 1]:
+            return _without_cudnn(op, args)
         return op(*args)
 
     run.__name__ = run.__qualname__ = "recurrent_" + op.__name__.replace(".", "_")   # stable in fingerprints
@@ -87,6 +96,29 @@ def _recurrent(op, dropout_at: int):
     # never drops out between layers (pytorch/torch/_decomp/decompositions.py, `num_layers < i - 1`), and it
     # would replace cuDNN's fused kernel with a loop over the cells.
     return torch.compiler.disable(run)
+
+
+_WARNED_CUDNN = []
+
+
+def _without_cudnn(op, args: list):
+    """A recurrent op dropping out between layers, in a stage that recomputes: cuDNN's RNN draws its masks from a
+    dropout state of its own (one per device, seeded once: pytorch/pytorch#74177), which the recomputation's
+    restored RNG state does not reach, so the recomputed forward would draw other masks than the first and the
+    backward would give the gradient of another sample. Without cuDNN, PyTorch's own implementation drops out
+    with the default generator, which checkpoint restores (slower on CUDA devices; said once)."""
+    if args[0].is_cuda and torch.backends.cudnn.enabled and not _WARNED_CUDNN:
+        _WARNED_CUDNN.append(True)
+        logging.getLogger("rannc.RaNNCModule").warning(
+            "rannc: a stage that recomputes holds a recurrent layer (%s) dropping out between layers: it runs "
+            "without cuDNN there, since cuDNN's dropout state cannot be replayed for the recomputation "
+            "(pytorch/pytorch#74177); recompute='never' keeps cuDNN where memory allows", op.__name__)
+    before = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        return op(*args)
+    finally:
+        torch.backends.cudnn.enabled = before
 
 
 def sdpa(*args, **kwargs) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from rannc.graph.compiled import CompiledModule
-from rannc.graph.dropout import recomputing
+from rannc.graph.dropout import checkpointed, recomputing
 from rannc.graph.stage import ROWS_NONE, StageGraph
 from rannc.runtime.chunks import Chunk, Route
 from rannc.schedule import Action
@@ -354,16 +354,19 @@ def _gradient_parts(output: torch.Tensor, factor: int, saved: _Saved) -> list[tu
 
 def _first_run_then_recompute(module):
     """The stage's forward for torch.utils.checkpoint: its second run (the recomputation in backward) runs
-    under the recomputing switch, so that layers with running statistics count the micro-batch once."""
+    under the recomputing switch, so that layers with running statistics count the micro-batch once; both
+    under the checkpointed switch, so that recurrent layers draw their dropout masks where the recomputation
+    draws them again (rannc.graph.dropout)."""
     runs = 0
 
     def run(*args):
         nonlocal runs
         runs += 1
-        if runs == 1:
-            return module(*args)
-        with recomputing():
-            return module(*args)
+        with checkpointed():
+            if runs == 1:
+                return module(*args)
+            with recomputing():
+                return module(*args)
 
     return run
 
