@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
+from interpreter import run_interpreted
 from torch import nn
 
 import bert.optim
@@ -374,14 +372,7 @@ def test_lamb_compute_copies_equal_grads_cast_into_masters_and_copied_back():
 
 def test_fused_kernels_match_foreach_under_triton_interpreter():
     """The Triton kernels on CPU through Triton's interpreter (skipped where Triton is not installed)."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_interpreted(INTERPRETER_CHECK)
     assert "fused matches foreach" in result.stdout
 
 

@@ -4,11 +4,7 @@ interpreter is chosen when Triton is imported)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
+from interpreter import run_interpreted
 
 INTERPRETER_CHECK = """
 import logging, math
@@ -95,13 +91,7 @@ def test_fused_clipping_matches_foreach_under_triton_interpreter():
     the fused kernels against torch's foreach ops over three steps of new grads, with a grad held but not owned
     (scaled, not counted), a bf16 group, a parameter without a grad, and the foreach fallback for the inf norm, a
     non-contiguous grad (named in the log) and a kernel that fails (a warning, once)."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_interpreted(INTERPRETER_CHECK)
     assert "fused clipping matches foreach" in result.stdout
     assert "gradient clipping takes torch's foreach ops: a parameter, grad or state is sparse or not contiguous" \
         in result.stderr
