@@ -318,11 +318,11 @@ BACKENDS = {"sdpa": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBacke
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def inputs(batch: int, heads: int, seq: int, head_size: int, dtype: torch.dtype, padded: bool):
+def inputs(batch: int, heads: int, seq: int, head_size: int, dtype: torch.dtype):
     hidden = heads * head_size
     fused = torch.randn(batch, seq, 3 * hidden, device="cuda", dtype=dtype, requires_grad=True)
-    lengths = torch.randint(seq // 2, seq + 1, (batch,), device="cuda") if padded else torch.full((batch,), seq)
-    mask = (torch.arange(seq, device="cuda")[None, :] < lengths.to("cuda")[:, None])[:, None, None, :]
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), device="cuda")
+    mask = (torch.arange(seq, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
     return fused, mask
 
 
@@ -352,7 +352,7 @@ def reference(q, k, v, mask, kept=None, dropout_p=0.0):
 
 
 def check(args, dtype) -> None:
-    fused, mask = inputs(args.batch, args.heads, args.seq, args.head_size, dtype, True)
+    fused, mask = inputs(args.batch, args.heads, args.seq, args.head_size, dtype)
     q, k, v = split(fused, args.heads)
     grad = torch.randn(args.batch, args.seq, args.heads * args.head_size, device="cuda", dtype=dtype)
     expected = reference(q, k, v, mask).transpose(1, 2).reshape(grad.shape)
@@ -391,7 +391,7 @@ def check(args, dtype) -> None:
           + ", ".join(f"{(a.float() - b).abs().max().item() / b.abs().max().item():.2e}" for a, b in zip(got, want)))
 
 
-def time_ms(name, fused, mask, heads, dropout_p) -> float:
+def time_ms(name, fused, mask, heads, dropout_p) -> tuple[float, float]:
     grad = torch.randn(fused.shape[0], fused.shape[1], fused.shape[2] // 3, device="cuda", dtype=fused.dtype)
 
     def step():
@@ -422,7 +422,7 @@ def main() -> None:
     print(f"batch {args.batch}, {args.heads} heads of {args.head_size}, sequence {args.seq}, dropout {args.dropout}, "
           f"{args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     check(args, dtype)
-    fused, mask = inputs(args.batch, args.heads, args.seq, args.head_size, dtype, True)
+    fused, mask = inputs(args.batch, args.heads, args.seq, args.head_size, dtype)
     print(f"| contender | forward ms | forward + backward ms | x {args.layers} layers ms |")
     print("| --- | ---: | ---: | ---: |")
     for name in ["triton", *BACKENDS]:

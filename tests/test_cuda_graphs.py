@@ -5,6 +5,7 @@ runs where CUDA devices are (one rank per device, skipped elsewhere)."""
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -366,7 +367,7 @@ def test_the_first_call_releases_what_profiling_left_with_the_count_from_before_
     assert run_ranks(_profile_job_releases, 1, fail) == [([(device_type, 3)], fail)]
 
 
-def _graphed_after_profiling(windows) -> int:
+def _graphed_after_profiling(monkeypatch, windows) -> int:
     from torch._inductor import cudagraph_trees
 
     from rannc.config import CompileSettings
@@ -380,25 +381,19 @@ def _graphed_after_profiling(windows) -> int:
     inputs = (torch.randn(8, 64),)
     captured = capture(model, inputs)
     lin = linearize(captured)
-    real_windows = profiler._windows
-    profiler._windows = lambda stages, device: windows
-    try:
-        profiler.profile_blocks(captured, lin, make_blocks(lin, 4), list(inputs), [4, 8], torch.device("cuda", 0),
-                                repeats=1, show_progress=False, compile_blocks="inline",
-                                compile_settings=CompileSettings("reduce-overhead"))
-    finally:
-        profiler._windows = real_windows
-    import gc
-
+    monkeypatch.setattr(profiler, "_windows", lambda stages, device: windows)
+    profiler.profile_blocks(captured, lin, make_blocks(lin, 4), list(inputs), [4, 8], torch.device("cuda", 0),
+                            repeats=1, show_progress=False, compile_blocks="inline",
+                            compile_settings=CompileSettings("reduce-overhead"))
     gc.collect()
     return profiler.graphed_functions(torch.device("cuda", 0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_profilers_runs_of_blocks_keep_one_runs_graphs_alive():
+def test_the_profilers_runs_of_blocks_keep_one_runs_graphs_alive(monkeypatch):
     """Each compiled run of blocks that records graphs first releases the runs before it (their graphed functions
     outlive them): after two runs as many graphed functions are alive as after one."""
-    one = _graphed_after_profiling([(0, 2)])
-    two = _graphed_after_profiling([(0, 2), (2, 4)])
+    one = _graphed_after_profiling(monkeypatch, [(0, 2)])
+    two = _graphed_after_profiling(monkeypatch, [(0, 2), (2, 4)])
     torch._dynamo.reset()
     assert one > 0 and two == one, (one, two)
